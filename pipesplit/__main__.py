@@ -1,0 +1,3 @@
+from pipesplit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,394 @@
+"""Layer partition strategies: pure functions from a split problem to layers per stage.
+
+A partition gives each pipeline stage a contiguous run of decoder layers (at least one). The
+fixed strategies reproduce what serving engines do; `min-weights` and `max-kv` are exact
+optimisers (dynamic programs over stage boundaries, checked against brute force in the tests).
+
+KV capacity ("max_total_num_tokens") of a partition, for the two targets:
+- pipesplit (and vLLM): each stage holds floor((usable_s - weights_s) / (layers_s * kv)) tokens;
+  the pipeline holds the minimum over stages.
+- sglang: floor(min_s (usable_s - weights_s) / (kv * max_s layers_s)), SGLang's rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pipesplit.errors import UserError
+
+TARGETS = ("pipesplit", "sglang")
+
+
+def stage_kv_tokens(usable_bytes: int, weight_bytes: int, num_layers: int, kv_bytes_per_token_per_layer: int) -> int:
+    """floor(max(0, usable - weights) / (num_layers * kv)): the KV tokens one stage can hold."""
+    return max(0, usable_bytes - weight_bytes) // (num_layers * kv_bytes_per_token_per_layer)
+
+
+@dataclass(frozen=True)
+class SplitProblem:
+    """Everything a partition strategy may look at, in bytes per TP rank.
+
+    stage_extra_bytes[s] is what stage s holds besides its decoder layers: the embedding on the
+    first stage, final norm + lm_head (+ MTP) on the last, all of it on a single stage.
+    """
+
+    layer_weight_bytes: tuple[int, ...]
+    usable_bytes: tuple[int, ...]
+    stage_extra_bytes: tuple[int, ...]
+    kv_bytes_per_token_per_layer: int
+    target: str = "pipesplit"
+
+    def __post_init__(self) -> None:
+        check_stage_count(len(self.layer_weight_bytes), len(self.usable_bytes))
+        if len(self.stage_extra_bytes) != len(self.usable_bytes):
+            raise ValueError("stage_extra_bytes needs one entry per stage")
+        if self.kv_bytes_per_token_per_layer <= 0:
+            raise ValueError("kv_bytes_per_token_per_layer must be positive")
+        check_target(self.target)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_weight_bytes)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.usable_bytes)
+
+
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}; give one of {', '.join(TARGETS)}")
+
+
+def check_stage_count(num_layers: int, num_stages: int) -> None:
+    if num_stages < 1:
+        raise UserError(f"--pp is {num_stages}; give 1 or more stages")
+    if num_stages > num_layers:
+        raise UserError(
+            f"--pp {num_stages} is more than the model's {num_layers} layers; give --pp {num_layers} or fewer"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a partition
+
+
+def stage_ranges(partition: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, end) global layer range of every stage, end exclusive."""
+    ranges, start = [], 0
+    for n in partition:
+        ranges.append((start, start + n))
+        start += n
+    return ranges
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    max_total_num_tokens: int
+    fits: bool
+    binding_stage: int
+    stage_weight_bytes: tuple[int, ...]
+    stage_tokens: tuple[int, ...]
+    stage_shortfall_bytes: tuple[int, ...]  # > 0: bytes missing to hold the weights and one token
+
+
+def evaluate(problem: SplitProblem, partition: Sequence[int]) -> Evaluation:
+    """Weights, KV tokens per stage and the pipeline's max_total_num_tokens under problem.target."""
+    weights = _Weights(problem)
+    kv = problem.kv_bytes_per_token_per_layer
+    per_token_layers = [max(partition)] * len(partition) if problem.target == "sglang" else list(partition)
+    stage_w, tokens, shortfall = [], [], []
+    for s, ((a, b), n) in enumerate(zip(stage_ranges(partition), per_token_layers)):
+        w = weights.stage(s, a, b)
+        stage_w.append(w)
+        tokens.append(stage_kv_tokens(problem.usable_bytes[s], w, n, kv))
+        shortfall.append(w + n * kv - problem.usable_bytes[s])
+    capacity = min(tokens)
+    fits = capacity > 0
+    binding = tokens.index(capacity) if fits else shortfall.index(max(shortfall))
+    return Evaluation(capacity, fits, binding, tuple(stage_w), tuple(tokens), tuple(shortfall))
+
+
+class _Weights:
+    """Stage weight bytes in O(1) from prefix sums."""
+
+    def __init__(self, problem: SplitProblem) -> None:
+        self.prefix = [0]
+        for w in problem.layer_weight_bytes:
+            self.prefix.append(self.prefix[-1] + w)
+        self.extra = problem.stage_extra_bytes
+
+    def stage(self, s: int, a: int, b: int) -> int:
+        return self.prefix[b] - self.prefix[a] + self.extra[s]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact optimisation over contiguous partitions
+
+StageFn = Callable[[int, int, int], int]  # (stage, start, end) -> value
+StageOk = Callable[[int, int, int], bool]
+
+
+def _bottleneck(P: int, L: int, value: StageFn, max_layers: int, allowed: StageOk | None = None):
+    """max over partitions (every stage <= max_layers layers and allowed) of min_s value(s, a, b).
+
+    DP over (stage, boundary): best_s[b] = max_a min(best_{s-1}[a], value(s, a, b)). Returns the
+    optimum or None when no partition satisfies the constraints.
+    """
+    best: list[int | None] = [None] * (L + 1)
+    for b in range(1, min(max_layers, L - P + 1) + 1):
+        if allowed is None or allowed(0, 0, b):
+            best[b] = value(0, 0, b)
+    for s in range(1, P):
+        new: list[int | None] = [None] * (L + 1)
+        for b in range(s + 1, L - (P - 1 - s) + 1):
+            top = None
+            for a in range(max(s, b - max_layers), b):
+                prev = best[a]
+                if prev is None or (allowed is not None and not allowed(s, a, b)):
+                    continue
+                v = value(s, a, b)
+                if prev < v:
+                    v = prev
+                if top is None or v > top:
+                    top = v
+            new[b] = top
+        best = new
+    return best[L]
+
+
+def _first_partition(P: int, L: int, max_layers: int, allowed: StageOk) -> tuple[int, ...] | None:
+    """The lexicographically smallest partition whose stages are all allowed, or None."""
+    # can[s][a]: stages s..P-1 can cover layers [a, L)
+    can = [[False] * (L + 1) for _ in range(P + 1)]
+    can[P][L] = True
+    for s in range(P - 1, -1, -1):
+        for a in range(s, L - (P - s) + 1):
+            can[s][a] = any(
+                can[s + 1][b] and allowed(s, a, b) for b in range(a + 1, min(a + max_layers, L - (P - 1 - s)) + 1)
+            )
+    if not can[0][0]:
+        return None
+    partition, a = [], 0
+    for s in range(P):
+        for b in range(a + 1, min(a + max_layers, L - (P - 1 - s)) + 1):
+            if can[s + 1][b] and allowed(s, a, b):
+                partition.append(b - a)
+                a = b
+                break
+    return tuple(partition)
+
+
+def _smallest_cap(P: int, L: int, allowed: StageOk) -> int:
+    """Smallest N such that some allowed partition has every stage <= N layers (binary search)."""
+    lo, hi = -(-L // P), L - P + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _first_partition(P, L, mid, allowed) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _balanced_lightest(P: int, L: int, weights: _Weights, allowed: StageOk, max_layers: int) -> tuple[int, ...]:
+    """Among allowed partitions within max_layers: smallest max stage weight, then lexicographically first."""
+    neg_max_weight = _bottleneck(P, L, lambda s, a, b: -weights.stage(s, a, b), max_layers, allowed)
+    limit = -neg_max_weight
+
+    def lighter(s: int, a: int, b: int) -> bool:
+        return allowed(s, a, b) and weights.stage(s, a, b) <= limit
+
+    partition = _first_partition(P, L, max_layers, lighter)
+    assert partition is not None
+    return partition
+
+
+def _tie_break(problem: SplitProblem, allowed: StageOk, max_layers: int | None = None) -> tuple[int, ...]:
+    """Among partitions whose stages are all allowed: fewest layers on the largest stage, then the
+    smallest largest stage weight, then the lexicographically first."""
+    P, L = problem.num_stages, problem.num_layers
+    if max_layers is None:
+        max_layers = _smallest_cap(P, L, allowed)
+    return _balanced_lightest(P, L, _Weights(problem), allowed, max_layers)
+
+
+def _max_slack(problem: SplitProblem) -> tuple[int, ...]:
+    """When nothing fits: the partition whose worst stage misses the least memory."""
+    P, L = problem.num_stages, problem.num_layers
+    weights, kv, usable = _Weights(problem), problem.kv_bytes_per_token_per_layer, problem.usable_bytes
+
+    def slack(s: int, a: int, b: int) -> int:
+        return usable[s] - weights.stage(s, a, b) - (b - a) * kv
+
+    best = _bottleneck(P, L, slack, L)
+    return _tie_break(problem, lambda s, a, b: slack(s, a, b) >= best)
+
+
+def _max_kv_pipesplit(problem: SplitProblem) -> tuple[int, ...]:
+    P, L = problem.num_stages, problem.num_layers
+    weights, kv, usable = _Weights(problem), problem.kv_bytes_per_token_per_layer, problem.usable_bytes
+
+    def tokens(s: int, a: int, b: int) -> int:
+        return stage_kv_tokens(usable[s], weights.stage(s, a, b), b - a, kv)
+
+    best = _bottleneck(P, L, tokens, L)
+    if best == 0:
+        return _max_slack(problem)
+    return _tie_break(problem, lambda s, a, b: tokens(s, a, b) >= best)
+
+
+def _max_kv_sglang(problem: SplitProblem) -> tuple[int, ...]:
+    """Enumerate the cap N on the largest stage: with every stage <= N layers, maximise the least free
+    memory F(N); floor(F(N) / (kv N)) is a lower bound on the real value of that partition and the
+    maximum over N is the optimum (the optimal partition is counted at its own max layer count)."""
+    P, L = problem.num_stages, problem.num_layers
+    weights, kv, usable = _Weights(problem), problem.kv_bytes_per_token_per_layer, problem.usable_bytes
+
+    def free(s: int, a: int, b: int) -> int:
+        return usable[s] - weights.stage(s, a, b)
+
+    lo, hi = -(-L // P), L - P + 1
+    free_unbounded = _bottleneck(P, L, free, hi)
+    best = 0
+    for cap in range(lo, hi + 1):
+        if max(0, free_unbounded) // (kv * cap) <= best:
+            break  # later caps only divide by more layers
+        free_at_cap = _bottleneck(P, L, free, cap)
+        if free_at_cap is not None:
+            best = max(best, max(0, free_at_cap) // (kv * cap))
+    if best == 0:
+        return _max_slack(problem)
+    for cap in range(lo, hi + 1):
+        need = best * kv * cap
+
+        def roomy(s: int, a: int, b: int, need: int = need) -> bool:
+            return free(s, a, b) >= need
+
+        if _first_partition(P, L, cap, roomy) is not None:
+            return _tie_break(problem, roomy, cap)
+    raise AssertionError("the optimum was found above, so some cap admits it")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies: name -> pure function (num_layers, num_stages, problem or None) -> layers per stage
+
+Strategy = Callable[[int, int, "SplitProblem | None"], tuple[int, ...]]
+STRATEGIES: dict[str, Strategy] = {}
+NEEDS_COSTS: set[str] = set()
+
+
+def strategy(name: str, needs_costs: bool = False) -> Callable[[Strategy], Strategy]:
+    def register(fn: Strategy) -> Strategy:
+        STRATEGIES[name] = fn
+        if needs_costs:
+            NEEDS_COSTS.add(name)
+        return fn
+
+    return register
+
+
+@strategy("sglang-legacy")
+def sglang_legacy(num_layers: int, num_stages: int, problem: SplitProblem | None = None) -> tuple[int, ...]:
+    """SGLang before its fix: L // P layers each, the last stage takes the whole remainder."""
+    base = num_layers // num_stages
+    return (base,) * (num_stages - 1) + (num_layers - base * (num_stages - 1),)
+
+
+@strategy("remainder-first")
+def remainder_first(num_layers: int, num_stages: int, problem: SplitProblem | None = None) -> tuple[int, ...]:
+    """One extra layer on each of the first L % P stages."""
+    base, extra = divmod(num_layers, num_stages)
+    return tuple(base + (s < extra) for s in range(num_stages))
+
+
+@strategy("remainder-last")
+def remainder_last(num_layers: int, num_stages: int, problem: SplitProblem | None = None) -> tuple[int, ...]:
+    """One extra layer on each of the last L % P stages."""
+    base, extra = divmod(num_layers, num_stages)
+    return tuple(base + (s >= num_stages - extra) for s in range(num_stages))
+
+
+@strategy("vllm")
+def vllm(num_layers: int, num_stages: int, problem: SplitProblem | None = None) -> tuple[int, ...]:
+    """vLLM's get_pp_indices: extras go to the second-to-last stage, then the one before it, ..."""
+    base, extra = divmod(num_layers, num_stages)
+    parts = [base] * num_stages
+    for i in range(2, extra + 2):
+        parts[-i] += 1
+    return tuple(parts)
+
+
+def _require(problem: SplitProblem | None, name: str, num_layers: int, num_stages: int) -> SplitProblem:
+    if problem is None:
+        raise ValueError(f"strategy {name!r} needs the model's costs and the devices (a SplitProblem)")
+    assert (problem.num_layers, problem.num_stages) == (num_layers, num_stages)
+    return problem
+
+
+@strategy("min-weights", needs_costs=True)
+def min_weights(num_layers: int, num_stages: int, problem: SplitProblem | None = None) -> tuple[int, ...]:
+    """Smallest largest stage weight (embedding, head and MTP included); ties: fewest layers on the
+    largest stage, then lexicographically first."""
+    problem = _require(problem, "min-weights", num_layers, num_stages)
+    P, L, weights = num_stages, num_layers, _Weights(problem)
+    lightest = -_bottleneck(P, L, lambda s, a, b: -weights.stage(s, a, b), L - P + 1)
+
+    def light(s: int, a: int, b: int) -> bool:
+        return weights.stage(s, a, b) <= lightest
+
+    partition = _first_partition(P, L, _smallest_cap(P, L, light), light)
+    assert partition is not None
+    return partition
+
+
+@strategy("max-kv", needs_costs=True)
+def max_kv(num_layers: int, num_stages: int, problem: SplitProblem | None = None) -> tuple[int, ...]:
+    """The partition with the highest max_total_num_tokens under problem.target (exact); ties: fewest
+    layers on the largest stage, then smallest largest stage weight, then lexicographically first.
+    When nothing fits: the partition whose worst stage misses the least memory."""
+    problem = _require(problem, "max-kv", num_layers, num_stages)
+    if problem.target == "sglang":
+        return _max_kv_sglang(problem)
+    return _max_kv_pipesplit(problem)
+
+
+DEFAULT_STRATEGY = "max-kv"
+
+
+def check_strategy(name: str) -> None:
+    if name not in STRATEGIES:
+        raise UserError(f"unknown strategy {name!r}; give one of {', '.join(STRATEGIES)}")
+
+
+def parse_partition(partition: str | Sequence[int], num_layers: int, num_stages: int) -> tuple[int, ...]:
+    """An explicit partition ("8,8,8,8,8,7,7,7" or a sequence), validated against the model and --pp."""
+    text = partition if isinstance(partition, str) else ",".join(str(n) for n in partition)
+    hint = f"give {num_stages} numbers that sum to {num_layers}"
+    try:
+        parts = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise UserError(f"partition {text!r} is not a comma-separated list of integers; {hint}") from None
+    if len(parts) != num_stages:
+        raise UserError(f"partition {text} has {len(parts)} entries but --pp is {num_stages}; {hint}")
+    if min(parts) < 1:
+        raise UserError(f"partition {text} has a stage with no layers; every stage needs at least 1; {hint}")
+    if sum(parts) != num_layers:
+        raise UserError(f"partition {text} sums to {sum(parts)} but the model has {num_layers} layers; {hint}")
+    return parts
+
+
+def partition_for(
+    strategy_or_partition: str | Sequence[int],
+    num_layers: int,
+    num_stages: int,
+    problem: SplitProblem | None = None,
+) -> tuple[int, ...]:
+    """Layers per stage from a strategy name or an explicit partition."""
+    check_stage_count(num_layers, num_stages)
+    if isinstance(strategy_or_partition, str) and strategy_or_partition in STRATEGIES:
+        return STRATEGIES[strategy_or_partition](num_layers, num_stages, problem)
+    if isinstance(strategy_or_partition, str) and not any(c.isdigit() for c in strategy_or_partition):
+        check_strategy(strategy_or_partition)
+    return parse_partition(strategy_or_partition, num_layers, num_stages)
