@@ -28,6 +28,7 @@ from pipesplit.scheduler import Request, ScheduledBatch, Scheduler, SchedulerCon
 
 
 HEARTBEAT_SECONDS = 30.0
+WATCHER_GRACE_SECONDS = 3.0
 
 
 class EngineDeadError(RuntimeError):
@@ -169,6 +170,7 @@ class Engine:
         self._id_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._init_method = init_method
+        self.watched = False  # True when a SpawnedStages watcher reports stage deaths
 
     # start-up runs in the caller's thread so that load errors surface there
     def start(self) -> None:
@@ -264,6 +266,11 @@ class Engine:
                     self._wake.clear()
             self._shutdown()
         except BaseException as exc:  # noqa: BLE001 -- every waiter must hear about it
+            # A dead peer shows here first as a transport error; the stage watcher names the
+            # stage and the cause a moment later, which is what the user needs to read.
+            deadline = time.monotonic() + (WATCHER_GRACE_SECONDS if self.watched else 0)
+            while self.error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
             if self.error is None:
                 self.error = exc
             self._fail_all(f"{type(exc).__name__}: {exc}")
@@ -499,6 +506,7 @@ class LLM:
         )
         if not torchrun and pp > 1:
             self._spawned = SpawnedStages(pp, device, self.engine.fail)
+            self.engine.watched = True
             self.engine._init_method = self._spawned.init_method()
         elif not torchrun:
             self.engine._init_method = f"tcp://127.0.0.1:{free_port()}"

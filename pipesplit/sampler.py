@@ -83,7 +83,8 @@ def _sample_row(logits: "torch.Tensor", sampler: RequestSampler) -> int:
     import torch
 
     params = sampler.params
-    logits = logits / params.temperature
+    # Shift before scaling: a tiny temperature then gives -inf for the others, never inf - inf.
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k > 0 and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -241,7 +241,7 @@ class _Render:
     def full(self, text: str, finish_reason: str | None, usage: dict) -> dict:
         return self._envelope(self.object_full, [self.full_choice(text, finish_reason)], usage=usage)
 
-    def chunk(self, text: str | None, finish_reason: str | None, usage: bool) -> dict:
+    def chunk(self, text: str, finish_reason: str | None, usage: bool) -> dict:
         extra = {"usage": None} if usage else {}
         return self._envelope(self.object_chunk, [self.chunk_choice(text, finish_reason)], **extra)
 
@@ -254,7 +254,7 @@ class _Render:
     def full_choice(self, text: str, finish_reason: str | None) -> dict:
         raise NotImplementedError
 
-    def chunk_choice(self, text: str | None, finish_reason: str | None) -> dict:
+    def chunk_choice(self, text: str, finish_reason: str | None) -> dict:
         raise NotImplementedError
 
 
@@ -275,11 +275,11 @@ class _ChatRender(_Render):
         return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
     def chunk_choice(self, text, finish_reason):
-        delta = {"content": text} if text is not None else {}
+        delta = {"content": text} if text else {}
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
     def opening_chunks(self, usage):
-        chunk = self.chunk(None, None, usage)
+        chunk = self.chunk("", None, usage)
         chunk["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         return [chunk]
 
@@ -337,11 +337,13 @@ class OpenAIServer:
         return list(prompt)
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        from jinja2.exceptions import TemplateError  # the chat template's own raise_exception()
+
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             return list(self.llm.tokenizer.apply_chat_template(messages))
-        except UserError as exc:
-            raise APIError(400, str(exc), param="messages") from None
+        except (UserError, TemplateError) as exc:
+            raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
 
     def sampling_params(self, body: _Body, prompt_len: int, default_max_tokens: int | None, prompt_param: str):
         from pipesplit.sampler import SamplingParams
@@ -434,7 +436,7 @@ class OpenAIServer:
             output = None
             async for output in job.outputs():
                 if output.delta_text or output.finished:
-                    yield _sse(render.chunk(output.delta_text or None, output.finish_reason, include_usage))
+                    yield _sse(render.chunk(output.delta_text, output.finish_reason, include_usage))
             if include_usage and output is not None:
                 yield _sse(render.usage_chunk(_usage(len(job.prompt_ids), len(output.token_ids))))
         except EngineGone as exc:
@@ -581,13 +583,13 @@ def _uvicorn_server(app, on_signal: Callable[[int], None]):
 
         @contextlib.contextmanager
         def capture_signals(self):
-            handler = lambda sig, _frame: on_signal(sig)  # noqa: E731
-            previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+            ours = lambda sig, _frame: on_signal(sig)  # noqa: E731
+            previous = {sig: signal.signal(sig, ours) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 yield
             finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                for sig, theirs in previous.items():
+                    signal.signal(sig, theirs)
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10)
     return Server(config)
@@ -636,12 +638,12 @@ def serve_command(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)
     try:
         llm = LLM(args.model, **llm_kwargs(args))
-    except EngineDeadError as exc:
-        print(f"pipesplit: error: {first_line(exc)}", file=sys.stderr)
-        return 1
-    finally:
-        if "llm" not in locals():
-            sock.close()
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, EngineDeadError):
+            print(f"pipesplit: error: {first_line(exc)}", file=sys.stderr)
+            return 1
+        raise
     name = args.served_model_name or args.model
     api = OpenAIServer(llm, name, args.api_key)
     host = f"[{args.host}]" if ":" in args.host else args.host

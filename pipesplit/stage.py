@@ -282,6 +282,10 @@ def worker_main(device: str = "cpu") -> int:
     except Exception as exc:  # noqa: BLE001 -- reported to the user with the stage named
         from pipesplit.errors import UserError
 
+        peer_lost = isinstance(exc, RuntimeError) and "Connection closed by peer" in str(exc)
+        if peer_lost:
+            print(f"pipesplit: stage {rank} stopped: another stage closed its connection", file=sys.stderr, flush=True)
+            return 1
         if not isinstance(exc, (UserError, MemoryError)):
             traceback.print_exc()
         first_line = str(exc).splitlines()[0] if str(exc) else ""

@@ -152,7 +152,8 @@ def test_stage_tensors_match_the_planner_inventory(tiny_checkpoints, name):
 # -- GGUF ------------------------------------------------------------------------------------------
 def _llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """What llama.cpp's converter does to q/k rows (pairs interleaved per head)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 _TO_GGUF = {

@@ -247,6 +247,11 @@ def test_stop_string_cuts_the_text(client, reference):
                                     max_tokens=MAX_TOKENS, stop=[stop, "never-produced"])
     assert out.choices[0].text == ref.text[: ref.text.index(stop)]
     assert out.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=MODEL, prompt=COMPLETION_PROMPTS[0], temperature=0,
+                                            max_tokens=MAX_TOKENS, stop=stop, stream=True))
+    assert all(isinstance(c.choices[0].text, str) for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == ref.text[: ref.text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_repeats(client):
@@ -424,7 +429,7 @@ def test_killed_stage_makes_the_server_exit_nonzero():
         assert time.monotonic() - started < 15
         assert _wait_exit(srv.proc, 15) != 0
         errors = [line for line in srv.stderr_lines if line.startswith("pipesplit: error: ")]
-        assert len(errors) == 1, srv.stderr
+        assert len(errors) == 1 and f"stage 1 (pid {stages[0]}) was killed by SIGKILL" in errors[0], srv.stderr
     finally:
         srv.stop()
 

@@ -121,7 +121,8 @@ def _attention_groups(batch: AttentionBatch, device: torch.device) -> list[_Atte
     prefills = [i for i in seqs if batch.query_lens[i] > 1]
     plans = [decodes] if decodes else []
     if prefills:
-        padded = len(prefills) * max(batch.query_lens[i] for i in prefills) * max(batch.context_lens[i] for i in prefills)
+        longest_query = max(batch.query_lens[i] for i in prefills)
+        padded = len(prefills) * longest_query * max(batch.context_lens[i] for i in prefills)
         real = sum(batch.query_lens[i] * batch.context_lens[i] for i in prefills)
         plans += [prefills] if padded <= _MAX_PADDING_WASTE * real else [[i] for i in prefills]
     starts = [0]
@@ -138,7 +139,7 @@ def _build_group(
     q_lens = as_long([batch.query_lens[i] for i in members])
     c_lens = as_long([batch.context_lens[i] for i in members])
     first_row = as_long([starts[i] for i in members])
-    b, q_max = len(members), int(q_lens.max())
+    b, q_max = len(members), max(batch.query_lens[i] for i in members)
     step = torch.arange(q_max, device=device)[None, :]
     # padded queries repeat the sequence's last real query, so every padded row has a valid mask
     clamped = torch.minimum(step, q_lens[:, None] - 1)
@@ -148,7 +149,7 @@ def _build_group(
 
     slots = [batch.context_slots[i].to(device=device, dtype=torch.long) for i in members]
     key_slots = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True, padding_value=-1)
-    last_slot = torch.stack([s[-1] for s in slots])
+    last_slot = key_slots[torch.arange(b, device=device), c_lens - 1]
     # padding gathers a real (written) slot, never uninitialised memory: 0 * NaN would leak
     key_slots = torch.where(key_slots < 0, last_slot[:, None], key_slots)
 
@@ -179,7 +180,9 @@ class RMSNorm(nn.Module):
 class SwiGLUMLP(nn.Module):
     """down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
@@ -317,7 +320,8 @@ def paged_attention(
         b, q_len = g.batch, g.queries
         q_pad = q if g.query_rows is None else q.index_select(0, g.query_rows)
         # GQA without repeating K/V: the n_rep query heads sharing a KV head become extra query rows
-        q_pad = q_pad.view(b, q_len, kv_heads, n_rep, dim).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, n_rep * q_len, dim)
+        q_pad = q_pad.view(b, q_len, kv_heads, n_rep, dim).permute(0, 2, 3, 1, 4)
+        q_pad = q_pad.reshape(b, kv_heads, n_rep * q_len, dim)
         keys = g.gather(k_pool, "k").transpose(1, 2)
         values = g.gather(v_pool, "v").transpose(1, 2)
         mask = g.mask(window, n_rep, q.dtype)
