@@ -11,6 +11,7 @@ produces exactly its own output length (EOS ignored), and only those tokens coun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from pipesplit import LLM, SamplingParams  # noqa: E402
-from pipesplit.loader import smollm2_path  # noqa: E402
+from pipesplit.loader import resolve_model, smollm2_path  # noqa: E402
 
 
 def workload(n: int, seed: int, prompt_range: tuple[int, int], output_range: tuple[int, int]):
@@ -36,18 +37,42 @@ def workload(n: int, seed: int, prompt_range: tuple[int, int], output_range: tup
     return prompts, outputs
 
 
-def run_pipesplit(prompts, outputs, pp: int, micro_batches: int, threads: int) -> dict:
+BUDGET_GIB = 1.5
+
+
+def workload_balanced_partition(prompts, outputs, pp: int) -> tuple[int, ...]:
+    """The split that evens out the compute this workload does per stage.
+
+    Every prompt and output token passes through every layer; only output tokens pass through
+    the lm_head (49152 x 576, about 8 of SmolLM2's layers), so the head is weighted by the share
+    of output tokens. The planner's exact `balanced` search does the rest.
+    """
+    from pipesplit.costs import cost_model
+    from pipesplit.partition import balanced
+    from pipesplit.plan import split_problem
+
+    spec = resolve_model("smollm2").spec
+    cost = cost_model(spec, kv_dtype="float32", weight_dtype="float32")
+    share = sum(outputs) / (sum(outputs) + sum(map(len, prompts)))
+    cost = dataclasses.replace(cost, head_flops_per_token=int(cost.head_flops_per_token * share))
+    problem = split_problem(cost, [int(BUDGET_GIB * 2**30)] * pp)
+    return balanced(spec.num_layers, pp, problem)
+
+
+def run_pipesplit(prompts, outputs, pp: int, micro_batches: int, threads: int, partition=None) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outputs]
-    with LLM("smollm2", pp=pp, micro_batches=micro_batches, threads=threads, mem_budget_gib=1.5, log=False) as llm:
+    # (b) and (c) use the same split, so their ratio is what the micro-batches in flight are worth.
+    with LLM("smollm2", pp=pp, partition=partition, micro_batches=micro_batches, threads=threads,
+             mem_budget_gib=BUDGET_GIB, log=False) as llm:
         llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=2))  # warm-up
         started = time.perf_counter()
         results = llm.generate(prompts, params)
         elapsed = time.perf_counter() - started
-        capacity = llm.max_total_num_tokens
+        capacity, partition = llm.max_total_num_tokens, llm.plan.partition
     produced = sum(len(r.token_ids) for r in results)
     assert produced == sum(outputs), (produced, sum(outputs))
     return {"seconds": elapsed, "output_tokens": produced, "tokens_per_s": produced / elapsed,
-            "max_total_num_tokens": capacity, "threads_per_stage": threads}
+            "max_total_num_tokens": capacity, "threads_per_stage": threads, "partition": list(partition)}
 
 
 def run_transformers(prompts, outputs, batch_size: int, threads: int) -> dict:
@@ -88,10 +113,11 @@ def main() -> int:
     else:
         prompts, outputs = workload(args.requests, args.seed, (32, 512), (64, 128))
     cores = os.cpu_count() or 1
+    split = workload_balanced_partition(prompts, outputs, 2)
     runs = {}
     runs["a_pipesplit_pp1"] = run_pipesplit(prompts, outputs, 1, 1, cores)
-    runs["b_pipesplit_pp2_microbatched"] = run_pipesplit(prompts, outputs, 2, 2, 1)
-    runs["c_pipesplit_pp2_one_microbatch"] = run_pipesplit(prompts, outputs, 2, 1, 1)
+    runs["b_pipesplit_pp2_microbatched"] = run_pipesplit(prompts, outputs, 2, 2, 1, split)
+    runs["c_pipesplit_pp2_one_microbatch"] = run_pipesplit(prompts, outputs, 2, 1, 1, split)
     runs["d_transformers_generate"] = run_transformers(prompts, outputs, args.hf_batch, cores)
     ratios = {
         "a_over_d": runs["a_pipesplit_pp1"]["tokens_per_s"] / runs["d_transformers_generate"]["tokens_per_s"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -97,6 +98,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command in ("generate", "serve"):
+        # Set before torch loads OpenMP: stage processes share cores, idle threads must sleep.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if args.command in ("plan", "models", "gpus"):
             from pipesplit import report

@@ -41,6 +41,10 @@ class CostModel:
     tied_head_bytes: int
     mtp_bytes: int
     kv_bytes_per_token_per_layer: int
+    # Compute per token (2 x multiply-adds of the weight matrices a token passes through; routed
+    # experts count top_k / num_experts of theirs; attention over the context is left out).
+    layer_flops_per_token: tuple[int, ...] = ()
+    head_flops_per_token: int = 0
 
 
 @dataclass(frozen=True)
@@ -364,6 +368,7 @@ def cost_model(spec: ModelSpec, tp: int = 1, kv_dtype: str = "auto", mtp: bool =
         raise UserError(f"{spec.name} has no MTP layers (num_nextn_predict_layers); drop --mtp")
     head = _nbytes(inv.head())
     norm = _nbytes(inv.vector("model.norm.weight", spec.hidden_size))
+    logical = _Inventory(spec, tp, weight_dtype or "bfloat16")  # dequantized shapes for FLOPs
     return CostModel(
         layer_weight_bytes=tuple(_nbytes(inv.layer(i)) for i in range(spec.num_layers)),
         embedding_bytes=_nbytes(inv.embedding("model.embed_tokens.weight")),
@@ -371,4 +376,19 @@ def cost_model(spec: ModelSpec, tp: int = 1, kv_dtype: str = "auto", mtp: bool =
         tied_head_bytes=norm if spec.tie_word_embeddings else head,
         mtp_bytes=_nbytes(inv.mtp()) if mtp else 0,
         kv_bytes_per_token_per_layer=kv_bytes_per_token(spec, tp, kv_dtype),
+        layer_flops_per_token=tuple(_flops_per_token(spec, logical.layer(i)) for i in range(spec.num_layers)),
+        head_flops_per_token=_flops_per_token(spec, logical.head()),
     )
+
+
+def _flops_per_token(spec: ModelSpec, tensors: list[TensorInfo]) -> int:
+    """2 x the multiply-adds of the weight matrices (not norms or biases) one token goes through."""
+    macs = 0
+    for t in tensors:
+        if len(t.shape) < 2:
+            continue
+        if ".experts." in t.name and spec.moe is not None:  # routed experts: only top_k of them run
+            macs += t.numel * spec.moe.num_experts_per_tok // spec.moe.num_experts
+        else:
+            macs += t.numel
+    return 2 * macs

@@ -91,6 +91,8 @@ class SpawnedStages:
         self._on_death = on_death
         env = dict(os.environ)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port), WORLD_SIZE=str(world_size), PIPESPLIT_SPAWNED="1")
+        # Stages share the machine's cores: idle OpenMP threads must sleep, not spin.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.procs = {
             rank: subprocess.Popen(
                 [sys.executable, "-m", "pipesplit.stage", device],
@@ -510,16 +512,34 @@ class LLM:
             self.engine._init_method = self._spawned.init_method()
         elif not torchrun:
             self.engine._init_method = f"tcp://127.0.0.1:{free_port()}"
-        try:
-            self.engine.start()
-        except BaseException:
-            self._kill()
-            if self.engine.error is not None:
-                raise EngineDeadError(str(self.engine.error)) from None
-            raise
+        self._start_engine()
         self._closed = False
         if log:
             print(self.startup_report(), file=sys.stderr, flush=True)
+
+    def _start_engine(self) -> None:
+        """Starts rank 0's stage; a stage process that dies meanwhile ends the wait at once.
+
+        The start runs in a helper thread because joining the process group or a collective
+        blocks in C++ until every rank arrives, and a rank that died never will.
+        """
+        failure: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                self.engine.start()
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread
+                failure.append(exc)
+
+        starter = threading.Thread(target=start, daemon=True, name="pipesplit-start")
+        starter.start()
+        while starter.is_alive() and self.engine.error is None:
+            starter.join(0.1)
+        if self.engine.error is not None or failure:
+            self._kill()
+            if self.engine.error is not None:
+                raise EngineDeadError(str(self.engine.error)) from None
+            raise failure[0]
 
     # -- info ---------------------------------------------------------------------------------------
     @property

@@ -100,6 +100,11 @@ def find_gpu(name: str) -> GpuSpec:
     raise UserError(f"unknown GPU {name!r}; known GPUs: {known} (or give --gpu-mem in GiB)")
 
 
+def find_gpu_or_none(name: str) -> GpuSpec | None:
+    """The catalog entry of an exact catalog name or alias; None for custom devices."""
+    return _INDEX.get(_normalize(name))
+
+
 @dataclass(frozen=True)
 class Device:
     """One pipeline stage's device (per TP rank): its name and the memory the driver reports."""

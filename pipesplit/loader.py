@@ -107,10 +107,40 @@ class SafetensorsSource(CheckpointSource):
         return tuple(self._file(name).get_slice(name).get_shape())
 
     def read(self, name: str) -> torch.Tensor:
-        return self._file(name).get_tensor(name)
+        """The stored tensor; a float8 weight with a `weight_scale_inv` beside it comes back dequantized."""
+        tensor = self._file(name).get_tensor(name)
+        if tensor.dtype in FLOAT8_DTYPES:
+            scale_name = f"{name}_scale_inv"
+            if scale_name not in self.weight_map:
+                raise UserError(f"tensor {name} is float8 without a {scale_name} block scale; only block-scaled "
+                                "fp8 checkpoints (DeepSeek-V3 style) are supported")
+            quant = self.spec.quantization
+            if quant.method != "fp8":
+                raise UserError(f"tensor {name} is float8 but config.json has no fp8 quantization_config "
+                                "(quant_method fp8, weight_block_size); fix the config")
+            scale = self._file(scale_name).get_tensor(scale_name)
+            tensor = dequantize_fp8_blocks(tensor, scale, quant.weight_block_size)
+        return tensor
 
     def close(self) -> None:
         self._open.clear()
+
+
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float32 weight: each [block] tile of `weight` times its entry of `scale_inv`
+    [ceil(out / b0), ceil(in / b1)]; the last tiles of a dimension that is no multiple of the block
+    are cropped."""
+    out, in_ = weight.shape
+    b0, b1 = block
+    expected = (-(-out // b0), -(-in_ // b1))
+    if tuple(scale_inv.shape) != expected:
+        raise UserError(f"fp8 block scale of shape {list(scale_inv.shape)} does not fit a {out}x{in_} weight with "
+                        f"{b0}x{b1} blocks (expected {list(expected)})")
+    scale = scale_inv.float().repeat_interleave(b0, dim=0)[:out].repeat_interleave(b1, dim=1)[:, :in_]
+    return weight.float() * scale
 
 
 # -- GGUF file -------------------------------------------------------------------------------------
@@ -398,10 +428,15 @@ def load_stage(
     lm_head: bool,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    mtp: bool = False,
 ) -> nn.Module:
-    """Builds the stage on the meta device and fills it with its own tensors from `source`."""
+    """Builds the stage on the meta device and fills it with its own tensors from `source`.
+
+    A checkpoint's MTP modules (`model.layers.{num_layers + i}.*`) are read only with mtp=True,
+    by the last stage, which then holds them for memory accounting; they are never run.
+    """
     spec = spec or source.spec
-    stage = build_stage(spec, layers, embedding, lm_head, dtype, "meta")
+    stage = build_stage(spec, layers, embedding, lm_head, dtype, "meta", mtp=mtp)
     expected = {**dict(stage.named_parameters()), **dict(stage.named_buffers())}
     state = {}
     try:
@@ -412,7 +447,8 @@ def load_stage(
             if shape is None and stored != name:
                 stored, shape = name, source.shape(name)
             if shape is None:
-                raise UserError(f"tensor {name} is missing from {source.path}")
+                hint = "; it holds no MTP module: drop --mtp" if mtp and _is_mtp_tensor(spec, name) else ""
+                raise UserError(f"tensor {name} is missing from {source.path}{hint}")
             if tuple(shape) != tuple(meta.shape):
                 raise UserError(
                     f"tensor {stored} in {source.path} has shape {list(shape)}, the config implies {list(meta.shape)}"
@@ -422,3 +458,8 @@ def load_stage(
         source.close()
     stage.load_state_dict(state, strict=True, assign=True)
     return stage
+
+
+def _is_mtp_tensor(spec: ModelSpec, name: str) -> bool:
+    parts = name.split(".")
+    return name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= spec.num_layers

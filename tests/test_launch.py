@@ -123,3 +123,24 @@ def test_two_torchrun_nodes_on_loopback(tiny_checkpoints):
     report = json.loads(outs[0][0])
     assert report["outputs"][0]["token_ids"] == hf_greedy(folder, [PROMPT], [7])[0]
     assert [s["layers"] for s in report["stages"]] == [[0, 2], [2, 4]] or len(report["stages"]) == 2
+
+
+def test_a_stage_that_fails_to_load_is_named_and_nothing_hangs(tiny_checkpoints, tmp_path):
+    """The last stage's layer is missing from the checkpoint: only that stage notices."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoints["llama_tied"], folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.3.mlp.down_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    started = time.monotonic()
+    run = subprocess.run(
+        _pipesplit("generate", str(folder), "--pp", "2", "--partition", "3,1", "--prompt-ids", "1,2", "--mem-budget", "0.01"),
+        capture_output=True, text=True, env=ENV, timeout=120,
+    )
+    assert run.returncode not in (0, None)
+    assert time.monotonic() - started < 60
+    assert "stage 1" in run.stderr and "model.layers.3.mlp.down_proj.weight" in run.stderr, run.stderr

@@ -189,3 +189,48 @@ def test_explicit_partition_error_from_the_style_guide():
 def test_more_stages_than_layers_is_a_user_error():
     with pytest.raises(UserError, match="--pp 9 is more than the model's 8 layers"):
         partition_for("vllm", 8, 9)
+
+
+@st.composite
+def compute_problems(draw):
+    """problems() plus random layer FLOPs, a head on the last stage and mixed device speeds."""
+    base = draw(problems())
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    P = base.num_stages
+    return SplitProblem(
+        base.layer_weight_bytes, base.usable_bytes, base.stage_extra_bytes, base.kv_bytes_per_token_per_layer,
+        base.target,
+        layer_flops=tuple(rng.randint(1, 50) for _ in range(base.num_layers)),
+        stage_extra_flops=(0,) * (P - 1) + (rng.randint(0, 120),),
+        stage_speed=tuple(float(rng.choice([1, 2, 3, 4])) for _ in range(P)),
+    )
+
+
+@settings(max_examples=1000, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(compute_problems())
+def test_balanced_equals_exhaustive_search(problem):
+    from fractions import Fraction
+
+    from pipesplit.partition import balanced, stage_ranges
+
+    def stage_tokens(p):
+        out = []
+        for s, (a, b) in enumerate(stage_ranges(p)):
+            weight = sum(problem.layer_weight_bytes[a:b]) + problem.stage_extra_bytes[s]
+            out.append(max(0, problem.usable_bytes[s] - weight) // ((b - a) * problem.kv_bytes_per_token_per_layer))
+        return out
+
+    def slowest(p):
+        return max(
+            Fraction(sum(problem.layer_flops[a:b]) + problem.stage_extra_flops[s]) / Fraction(problem.stage_speed[s])
+            for s, (a, b) in enumerate(stage_ranges(p))
+        )
+
+    fitting = [p for p in compositions(problem.num_layers, problem.num_stages) if min(stage_tokens(p)) > 0]
+    got = balanced(problem.num_layers, problem.num_stages, problem)
+    assert sum(got) == problem.num_layers and min(got) >= 1
+    if not fitting:
+        return
+    best = min(slowest(p) for p in fitting)
+    assert min(stage_tokens(got)) > 0 and slowest(got) == best
+    assert min(stage_tokens(got)) == max(min(stage_tokens(p)) for p in fitting if slowest(p) == best)

@@ -42,7 +42,7 @@ def test_compare_json_has_one_plan_per_strategy(capsys):
     code, out, _ = run(capsys, "plan", "deepseek-v3", "--pp", "8", "--gpu", "H200", "--compare", "--json")
     assert code == 0
     plans = {p["strategy"]: p for p in json.loads(out)["plans"]}
-    assert set(plans) == {"sglang-legacy", "remainder-first", "remainder-last", "vllm", "min-weights", "max-kv"}
+    assert set(plans) == {"sglang-legacy", "remainder-first", "remainder-last", "vllm", "min-weights", "max-kv", "balanced"}
     assert plans["sglang-legacy"]["partition"] == [7, 7, 7, 7, 7, 7, 7, 12]
     assert not plans["sglang-legacy"]["fits"] and plans["sglang-legacy"]["binding_stage"] == 7
     assert all(plans["max-kv"]["max_total_num_tokens"] >= p["max_total_num_tokens"] for p in plans.values())

@@ -1,7 +1,8 @@
 """Model families: registry key (ModelSpec.family) -> module, imported on first use.
 
 Each family module provides `build_stage(spec, layers, embedding, lm_head, dtype, device)` and
-`kv_cache_shapes(spec)`; the shared layers live in `layers.py`.
+`kv_cache_shapes(spec)`; families with MTP modules (deepseek) also take `mtp=True`. The shared
+layers live in `layers.py` (attention, norms, rotary, stage skeleton) and `moe.py` (routers, experts).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 
 FAMILY_MODULES = {
     "llama": "pipesplit.models.llama",
+    "mixtral": "pipesplit.models.mixtral",
+    "deepseek": "pipesplit.models.deepseek",
 }
 
 
@@ -41,14 +44,19 @@ def build_stage(
     lm_head: bool,
     dtype: "torch.dtype | None" = None,
     device: "torch.device | str" = "cpu",
+    mtp: bool = False,
 ) -> "nn.Module":
-    """The stage module holding decoder layers [start, end), plus embedding / final norm + head.
+    """The stage module holding decoder layers [start, end), plus embedding / final norm + head,
+    and with mtp=True (last stage) the MTP modules, held but not run.
 
     device="meta" builds it without memory, for the loader to fill.
     """
     import torch
 
-    return family_module(spec).build_stage(spec, tuple(layers), embedding, lm_head, dtype or torch.float32, device)
+    extra = {"mtp": True} if mtp else {}
+    return family_module(spec).build_stage(
+        spec, tuple(layers), embedding, lm_head, dtype or torch.float32, device, **extra
+    )
 
 
 def kv_cache_shapes(spec: "ModelSpec") -> tuple[tuple[int, ...], ...]:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipesplit.errors import UserError
+
+if TYPE_CHECKING:
+    from pipesplit.spec import ModelSpec
 
 
 # -- the batch ---------------------------------------------------------------------------------
@@ -387,3 +390,104 @@ class GQAttention(nn.Module):
         k_pool.index_copy_(0, batch.slot_mapping, k)
         v_pool.index_copy_(0, batch.slot_mapping, v)
         return self.o_proj(paged_attention(q, k_pool, v_pool, batch, self.scale, self.window))
+
+
+def apply_rotary_interleaved(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [T, heads, dim] rotated in adjacent pairs (x0, x1), (x2, x3), ... (DeepSeek's layout).
+
+    The result lists the pairs' first elements, then their second ones: a fixed permutation of
+    the interleaved output, harmless because queries and keys are rotated alike.
+    """
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+
+
+# -- decoder layers and stages ------------------------------------------------------------------------
+class PreNormDecoderLayer(nn.Module):
+    """h + attn(norm(h)), then h + mlp(norm(h)); the MLP is registered under `mlp_name`
+    (`mlp`, or `block_sparse_moe` in Mixtral checkpoints) so parameter names match the checkpoint."""
+
+    def __init__(
+        self,
+        hidden: int,
+        eps: float,
+        attention: nn.Module,
+        mlp: nn.Module,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        mlp_name: str = "mlp",
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.self_attn = attention
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
+        setattr(self, mlp_name, mlp)
+        self.mlp_name = mlp_name
+
+    def forward(self, h: torch.Tensor, batch: AttentionBatch, kv: tuple[torch.Tensor, ...], rope) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), batch, kv, rope)
+        return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
+
+
+class DecoderStage(nn.Module):
+    """Decoder layers [start, end) with, if asked, the embedding (first stage) and the final
+    norm + lm_head (last stage); parameter names are the checkpoint's, global indices included.
+
+    make_layer(index) builds decoder layer `index`. held_layers: extra modules stored under
+    `model.layers.{index}` that the stage holds but never runs (DeepSeek's MTP module).
+    forward(inputs, batch, kv_cache): token ids [T] on the first stage, else the residual stream
+    [T, hidden]; returns float32 logits of batch.logits_indices on the last stage, else [T, hidden].
+    """
+
+    def __init__(
+        self,
+        spec: "ModelSpec",
+        layers: tuple[int, int],
+        embedding: bool,
+        lm_head: bool,
+        make_layer: Callable[[int], nn.Module],
+        rotary: nn.Module,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        held_layers: dict[int, nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        start, end = layers
+        if not 0 <= start <= end <= spec.num_layers:
+            raise ValueError(f"layers {start}..{end} out of range for a model with {spec.num_layers} layers")
+        self.spec = spec
+        self.layer_range = (start, end)
+        self.has_embedding, self.has_lm_head = embedding, lm_head
+        self.model = nn.Module()
+        if embedding:
+            # Given a weight, nn.Embedding skips its random init: the loader overwrites it anyway,
+            # and on the meta device that init alone costs seconds of lazy imports.
+            weight = torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
+            self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=weight)
+        self.model.layers = nn.ModuleDict({str(i): make_layer(i) for i in range(start, end)})
+        for index, module in (held_layers or {}).items():
+            self.model.layers[str(index)] = module
+        if lm_head:
+            self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+            # tied and holding the embedding (PP=1): the head reads the embedding's weight, stored once
+            if not (spec.tie_word_embeddings and embedding):
+                self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device=device)
+        self.rotary = rotary
+        self._layers = [(i, self.model.layers[str(i)]) for i in range(start, end)]
+
+    def head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
+
+    def forward(self, inputs: torch.Tensor, batch: AttentionBatch, kv_cache: dict) -> torch.Tensor:
+        h = self.model.embed_tokens(inputs) if self.has_embedding else inputs
+        if self._layers:
+            rope = self.rotary(batch.positions, h.dtype)
+            for index, layer in self._layers:
+                h = layer(h, batch, kv_cache[index], rope)
+        if not self.has_lm_head:
+            return h
+        h = self.model.norm(h.index_select(0, batch.logits_indices))
+        return F.linear(h, self.head_weight()).float()
