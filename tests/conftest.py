@@ -221,3 +221,15 @@ def tiny_fp8_checkpoints(tmp_path_factory) -> dict[str, Path]:
         shutil.copy(original / "generation_config.json", folder / "generation_config.json")
         folders[kind] = folder
     return folders
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on shared cores, OpenMP threads spin-waiting for each
+    other cost up to 10x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

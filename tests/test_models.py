@@ -18,13 +18,7 @@ from pipesplit.models.layers import AttentionBatch
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: on shared cores, OpenMP threads spin-waiting for each other cost up to 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ([5, 17, 99, 3, 250], [7, 7, 8, 100, 200, 31, 64, 1, 2, 9, 45], list(range(40, 57)))
 MAX_NEW = 8

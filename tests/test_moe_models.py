@@ -16,16 +16,11 @@ from pipesplit.loader import SafetensorsSource, dequantize_fp8_blocks, load_stag
 from pipesplit.models import kv_cache_shapes
 from pipesplit.models.layers import AttentionBatch
 from pipesplit.stage import live_weight_bytes
+from tests.test_loader import RecordingSource
 from tests.test_models import MAX_NEW, PROMPTS, PipelineInOneProcess, hf_greedy, layer_ranges
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: on shared cores, OpenMP threads spin-waiting for each other cost up to 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # mlp kinds (d dense, m MoE): mixtral mmmm, qwen2_moe dmdm, qwen3_moe dmmdm, deepseek_v2 dmmm, deepseek_v3 ddmmm
@@ -118,18 +113,6 @@ def test_bfloat16_stages_agree_with_float32(tiny_moe_checkpoints, name):
     assert agree >= 2  # bf16 rounding may flip a near-tie (or a routing choice), not most first tokens
 
 # -- stages hold and read only their own tensors ---------------------------------------------------
-class RecordingSource:
-    """Wraps a source and records which tensors were read."""
-
-    def __init__(self, source) -> None:
-        self.inner, self.read_names = source, []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def read(self, name):
-        self.read_names.append(name)
-        return self.inner.read(name)
 
 
 def _layer_of(name: str) -> int | None:

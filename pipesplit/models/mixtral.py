@@ -14,6 +14,7 @@ from torch import nn
 from pipesplit.errors import UserError
 from pipesplit.models.layers import DecoderStage, PreNormDecoderLayer, RotaryEmbedding, SwiGLUMLP
 from pipesplit.models.llama import attention as llama_attention
+from pipesplit.models.llama import kv_cache_shapes  # noqa: F401 -- the same GQA cache; the registry reads it here
 from pipesplit.models.moe import GATE_UP_DOWN, MIXTRAL_EXPERT_NAMES, SparseMoE
 from pipesplit.spec import ModelSpec
 
@@ -48,7 +49,3 @@ def build_stage(
         spec, layers, embedding, lm_head, lambda i: decoder_layer(spec, i, dtype, device), rotary, dtype, device
     )
 
-
-def kv_cache_shapes(spec: ModelSpec) -> tuple[tuple[int, ...], ...]:
-    """Per-token shapes of one layer's cache tensors: (K, V), each [kv_heads, head_dim]."""
-    return ((spec.num_kv_heads, spec.head_dim), (spec.num_kv_heads, spec.head_dim))
