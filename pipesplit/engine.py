@@ -85,10 +85,9 @@ def free_port() -> int:
 class SpawnedStages:
     """Stage processes 1..P-1 on this machine, watched: if one dies, `on_death` is called."""
 
-    def __init__(self, world_size: int, device: str, on_death: Callable[[str], None]) -> None:
+    def __init__(self, world_size: int, device: str) -> None:
         self.port = free_port()
         self.closing = False
-        self._on_death = on_death
         env = dict(os.environ)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port), WORLD_SIZE=str(world_size), PIPESPLIT_SPAWNED="1")
         # Stages share the machine's cores: idle OpenMP threads must sleep, not spin.
@@ -101,6 +100,10 @@ class SpawnedStages:
             )
             for rank in range(1, world_size)
         }
+
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        """Starts watching: the first stage that exits unasked is reported to `on_death`."""
+        self._on_death = on_death
         threading.Thread(target=self._watch, daemon=True, name="stage-watch").start()
 
     def init_method(self) -> str:
@@ -156,6 +159,7 @@ class Engine:
         eos_token_ids: frozenset[int],
         detokenize: Callable[[list[int]], str],
         init_method: str | None,
+        watched: bool = False,
     ) -> None:
         self.config = config
         self.eos_token_ids = eos_token_ids
@@ -171,8 +175,8 @@ class Engine:
         self._next_id = 0
         self._id_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._init_method = init_method
-        self.watched = False  # True when a SpawnedStages watcher reports stage deaths
+        self._init_method = init_method  # None: from the torchrun environment
+        self.watched = watched  # a SpawnedStages watcher reports stage deaths (names the stage)
 
     # start-up runs in the caller's thread so that load errors surface there
     def start(self) -> None:
@@ -497,21 +501,22 @@ class LLM:
             max_running_requests=max_running_requests,
             chunked_prefill_size=chunked_prefill_size,
         )
-        self._spawned: SpawnedStages | None = None
         self._closed = True
+        self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
+        if self._spawned is not None:
+            init_method = self._spawned.init_method()
+        else:
+            init_method = None if torchrun else f"tcp://127.0.0.1:{free_port()}"
         self.engine = Engine(
             config,
             scheduler_config,
             eos_token_ids=frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.spec.eos_token_ids),
             detokenize=self.tokenizer.decode if self.tokenizer else (lambda ids: ""),
-            init_method=None,
+            init_method=init_method,
+            watched=self._spawned is not None,
         )
-        if not torchrun and pp > 1:
-            self._spawned = SpawnedStages(pp, device, self.engine.fail)
-            self.engine.watched = True
-            self.engine._init_method = self._spawned.init_method()
-        elif not torchrun:
-            self.engine._init_method = f"tcp://127.0.0.1:{free_port()}"
+        if self._spawned is not None:
+            self._spawned.watch(self.engine.fail)
         self._start_engine()
         self._closed = False
         if log:
