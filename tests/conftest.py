@@ -194,7 +194,6 @@ def tiny_fp8_checkpoints(tmp_path_factory) -> dict[str, Path]:
     import json
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     root = tmp_path_factory.mktemp("tiny_fp8")

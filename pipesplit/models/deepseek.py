@@ -24,6 +24,7 @@ from pipesplit.models.layers import (
     SwiGLUMLP,
     apply_rotary,
     apply_rotary_interleaved,
+    check_buildable,
     paged_attention,
     yarn_mscale,
 )
@@ -135,11 +136,11 @@ def build_stage(
     mtp: bool = False,
 ) -> DecoderStage:
     """The stage of layers [start, end); mtp=True (last stage only) also holds the MTP modules."""
-    if spec.family != "deepseek" or spec.mla is None:
-        raise UserError(f"{spec.model_type} models are not deepseek-family; the deepseek stage cannot build them")
-    if spec.quantization.method not in ("none", "fp8"):
-        raise UserError(f"{spec.quantization.method} checkpoints of {spec.model_type} models are not supported; "
-                        "use an unquantized or block-fp8 checkpoint")
+    check_buildable(spec, "deepseek", ("none", "fp8"))
+    if spec.mla is None:
+        raise UserError(
+            f"{spec.model_type} models without MLA are not deepseek-family; the deepseek stage cannot build them"
+        )
     if mtp and not lm_head:
         raise ValueError("the MTP modules belong to the last stage (the one with the lm_head)")
     if mtp and not spec.num_mtp_layers:

@@ -432,6 +432,16 @@ class PreNormDecoderLayer(nn.Module):
         return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
 
 
+def check_buildable(spec: "ModelSpec", family: str, formats: tuple[str, ...]) -> None:
+    """A family's stage builds only its own family, from checkpoint formats it can load."""
+    if spec.family != family:
+        raise UserError(f"{spec.model_type} models are not {family}-family; the {family} stage cannot build them")
+    if spec.quantization.method not in formats:
+        names = {"none": "unquantized", "fp8": "block-fp8"}
+        raise UserError(f"{spec.quantization.method} checkpoints of {spec.model_type} models are not supported; "
+                        f"use an {' or '.join(names[f] for f in formats)} checkpoint")
+
+
 class DecoderStage(nn.Module):
     """Decoder layers [start, end) with, if asked, the embedding (first stage) and the final
     norm + lm_head (last stage); parameter names are the checkpoint's, global indices included.

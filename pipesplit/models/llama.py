@@ -10,8 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipesplit.errors import UserError
-from pipesplit.models.layers import DecoderStage, GQAttention, PreNormDecoderLayer, RotaryEmbedding, SwiGLUMLP
+from pipesplit.models.layers import (
+    DecoderStage,
+    GQAttention,
+    PreNormDecoderLayer,
+    RotaryEmbedding,
+    SwiGLUMLP,
+    check_buildable,
+)
 from pipesplit.spec import ModelSpec
 
 
@@ -35,7 +41,8 @@ def attention(spec: ModelSpec, index: int, dtype: torch.dtype, device: torch.dev
 
 def decoder_layer(spec: ModelSpec, index: int, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     mlp = SwiGLUMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, dtype, device)
-    return PreNormDecoderLayer(spec.hidden_size, spec.rms_norm_eps, attention(spec, index, dtype, device), mlp, dtype, device)
+    attn = attention(spec, index, dtype, device)
+    return PreNormDecoderLayer(spec.hidden_size, spec.rms_norm_eps, attn, mlp, dtype, device)
 
 
 def build_stage(
@@ -46,11 +53,7 @@ def build_stage(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> DecoderStage:
-    if spec.family != "llama":
-        raise UserError(f"{spec.model_type} models are not llama-family; the llama stage cannot build them")
-    if spec.quantization.method != "none":
-        raise UserError(f"{spec.quantization.method} checkpoints of {spec.model_type} models are not supported; "
-                        "use an unquantized checkpoint")
+    check_buildable(spec, "llama", ("none",))
     rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_scaling, spec.max_position_embeddings)
     return DecoderStage(
         spec, layers, embedding, lm_head, lambda i: decoder_layer(spec, i, dtype, device), rotary, dtype, device

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipesplit.errors import UserError
-from pipesplit.models.layers import DecoderStage, PreNormDecoderLayer, RotaryEmbedding, SwiGLUMLP
+from pipesplit.models.layers import DecoderStage, PreNormDecoderLayer, RotaryEmbedding, SwiGLUMLP, check_buildable
 from pipesplit.models.llama import attention as llama_attention
 from pipesplit.models.llama import kv_cache_shapes  # noqa: F401 -- the same GQA cache; the registry reads it here
 from pipesplit.models.moe import GATE_UP_DOWN, MIXTRAL_EXPERT_NAMES, SparseMoE
@@ -39,11 +38,7 @@ def build_stage(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> DecoderStage:
-    if spec.family != "mixtral":
-        raise UserError(f"{spec.model_type} models are not mixtral-family; the mixtral stage cannot build them")
-    if spec.quantization.method not in ("none", "fp8"):
-        raise UserError(f"{spec.quantization.method} checkpoints of {spec.model_type} models are not supported; "
-                        "use an unquantized or block-fp8 checkpoint")
+    check_buildable(spec, "mixtral", ("none", "fp8"))
     rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_scaling, spec.max_position_embeddings)
     return DecoderStage(
         spec, layers, embedding, lm_head, lambda i: decoder_layer(spec, i, dtype, device), rotary, dtype, device
