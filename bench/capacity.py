@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipesplit.costs import cost_model
-from pipesplit.hardware import DEFAULT_RESERVE_GIB, resolve_devices
-from pipesplit.partition import STRATEGIES
-from pipesplit.plan import compare
-from pipesplit.spec import load_spec
+from pipesplit.planner.costs import cost_model
+from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, resolve_devices
+from pipesplit.planner.partition import STRATEGIES
+from pipesplit.planner.plan import compare
+from pipesplit.planner.spec import load_spec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "capacity.json"
 MEM_FRACTION = 0.9

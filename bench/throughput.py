@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from pipesplit import LLM, SamplingParams  # noqa: E402
-from pipesplit.loader import resolve_model, smollm2_path  # noqa: E402
+from pipesplit.runtime.loader import resolve_model, smollm2_path  # noqa: E402
 
 
 def workload(n: int, seed: int, prompt_range: tuple[int, int], output_range: tuple[int, int]):
@@ -47,9 +47,9 @@ def workload_balanced_partition(prompts, outputs, pp: int) -> tuple[int, ...]:
     the lm_head (49152 x 576, about 8 of SmolLM2's layers), so the head is weighted by the share
     of output tokens. The planner's exact `balanced` search does the rest.
     """
-    from pipesplit.costs import cost_model
-    from pipesplit.partition import balanced
-    from pipesplit.plan import split_problem
+    from pipesplit.planner.costs import cost_model
+    from pipesplit.planner.partition import balanced
+    from pipesplit.planner.plan import split_problem
 
     spec = resolve_model("smollm2").spec
     cost = cost_model(spec, kv_dtype="float32", weight_dtype="float32")

@@ -103,14 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if args.command in ("plan", "models", "gpus"):
-            from pipesplit import report
+            from pipesplit.planner import report
 
             return {"plan": report.plan_command, "models": report.models_command, "gpus": report.gpus_command}[args.command](args)
         if args.command == "generate":
             from pipesplit.generate import generate_command
 
             return generate_command(args)
-        from pipesplit.server import serve_command
+        from pipesplit.server.app import serve_command
 
         return serve_command(args)
     except UserError as exc:

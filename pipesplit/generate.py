@@ -25,32 +25,27 @@ def parse_prompt_ids(values: list[str]) -> list[list[int]]:
     return prompts
 
 
+# `LLM` keyword -> argparse destination, for the engine options `generate` and `serve` share
+ENGINE_OPTIONS = {
+    "pp": "pp", "strategy": "strategy", "partition": "partition", "dtype": "dtype", "device": "device",
+    "mem_budget_gib": "mem_budget", "mem_fraction": "mem_fraction", "micro_batches": "micro_batches",
+    "max_batch_tokens": "max_batch_tokens", "max_running_requests": "max_running_requests",
+    "chunked_prefill_size": "chunked_prefill_size", "threads": "threads", "mtp": "mtp",
+}
+
+
 def llm_kwargs(args: argparse.Namespace) -> dict:
     """The engine options shared by `generate` and `serve`."""
-    return dict(
-        pp=args.pp,
-        strategy=args.strategy,
-        partition=args.partition,
-        dtype=args.dtype,
-        device=args.device,
-        mem_budget_gib=args.mem_budget,
-        mem_fraction=args.mem_fraction,
-        micro_batches=args.micro_batches,
-        max_batch_tokens=args.max_batch_tokens,
-        max_running_requests=args.max_running_requests,
-        chunked_prefill_size=args.chunked_prefill_size,
-        threads=args.threads,
-        mtp=args.mtp,
-    )
+    return {keyword: getattr(args, dest) for keyword, dest in ENGINE_OPTIONS.items()}
 
 
 def generate_command(args: argparse.Namespace) -> int:
     if is_torchrun_worker():
-        from pipesplit.stage import worker_main
+        from pipesplit.runtime.stage import worker_main
 
         return worker_main(args.device)
-    from pipesplit.engine import LLM, EngineDeadError
-    from pipesplit.sampler import SamplingParams
+    from pipesplit.runtime.engine import LLM, EngineDeadError
+    from pipesplit.runtime.sampler import SamplingParams
 
     prompts: list = list(args.prompt) + parse_prompt_ids(args.prompt_ids)
     if not prompts:

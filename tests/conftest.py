@@ -123,8 +123,8 @@ def add_mtp_tensors(folder: Path, seed: int = 0) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from pipesplit.costs import mtp_tensors
-    from pipesplit.spec import load_spec
+    from pipesplit.planner.costs import mtp_tensors
+    from pipesplit.planner.spec import load_spec
 
     gen = torch.Generator().manual_seed(seed)
     inventory = mtp_tensors(load_spec(str(folder)), 1, "float32")

@@ -1,0 +1,275 @@
+"""`pipesplit plan`, `models` and `gpus`: build plans and print them for people (tables) or programs (JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from pipesplit.errors import UserError
+from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, GPUS, GiB, check_memory_settings, resolve_devices
+from pipesplit.planner.partition import DEFAULT_STRATEGY, check_stage_count, check_strategy, check_target
+from pipesplit.planner.plan import EXPLICIT, Plan, compare, make_plan
+
+BASELINE = "sglang-legacy"
+ENV_VARS = {"sglang": "SGLANG_PP_LAYER_PARTITION", "vllm": "VLLM_PP_LAYER_PARTITION"}
+BAR_WIDTH = 24
+
+
+# ---------------------------------------------------------------------------------------------
+# plan
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    from pipesplit.planner.costs import cost_model, params_total, weight_bytes_total
+    from pipesplit.planner.spec import load_spec
+
+    if args.tp < 1:
+        raise UserError(f"--tp is {args.tp}; give 1 or more")
+    reserve = DEFAULT_RESERVE_GIB if args.reserve is None else args.reserve
+    check_memory_settings(args.mem_fraction, reserve)
+    check_target(args.target)
+    if args.strategy:
+        check_strategy(args.strategy)
+    spec = load_spec(args.model)
+    cost = cost_model(spec, tp=args.tp, kv_dtype=args.kv_dtype, mtp=args.mtp)
+    check_stage_count(spec.num_layers, args.pp)
+    devices = resolve_devices(args.gpu, args.gpu_mem, args.pp)
+    common = dict(target=args.target, reorder=args.reorder, mem_fraction=args.mem_fraction, reserve_gib=reserve, model=spec.name)
+
+    if args.compare:
+        plans = list(compare(cost, devices, partition=args.partition, **common))
+        wanted = EXPLICIT if args.partition else args.strategy or DEFAULT_STRATEGY
+        selected = next(p for p in plans if p.strategy == wanted)
+    else:
+        selected = make_plan(cost, devices, args.strategy, args.partition, **common)
+        if not selected.fits:
+            raise UserError(_does_not_fit(selected, cost.kv_bytes_per_token_per_layer))
+        plans = [selected]
+
+    if args.json:
+        doc = {
+            "model": spec.name,
+            "architecture": spec.architecture,
+            "num_layers": spec.num_layers,
+            "params_total": params_total(spec),
+            "weight_bytes_total": weight_bytes_total(spec),
+            "kv_bytes_per_token_per_layer": cost.kv_bytes_per_token_per_layer,
+            "tp": args.tp,
+            "target": args.target,
+            "mem_fraction": args.mem_fraction,
+            "reserve_gib": reserve,
+            "selected": selected.strategy,
+            "plans": [plan_to_dict(p) for p in plans],
+        }
+        if args.env:
+            doc["env"] = {ENV_VARS[args.env]: _csv(selected.partition)}
+        print(json.dumps(doc, indent=2))
+        return 0
+    if args.env:
+        if not selected.fits:
+            raise UserError(_does_not_fit(selected, cost.kv_bytes_per_token_per_layer))
+        print(f"{ENV_VARS[args.env]}={_csv(selected.partition)}")
+        return 0
+
+    weight_gib = weight_bytes_total(spec) / GiB
+    print(
+        f"{spec.name} ({spec.architecture}): {spec.num_layers} layers, {params_total(spec) / 1e9:,.1f}B params, "
+        f"{weight_gib:,.1f} GiB weights; KV {cost.kv_bytes_per_token_per_layer:,} B per token per layer per rank"
+    )
+    print(
+        f"PP {args.pp} x TP {args.tp}: {_device_summary(selected)}; mem-fraction {args.mem_fraction:g}, "
+        f"reserve {reserve:g} GiB; target {args.target}"
+    )
+    if args.compare:
+        print()
+        print(format_comparison(plans))
+    print()
+    print(format_plan(selected, cost.kv_bytes_per_token_per_layer))
+    return 0
+
+
+def _csv(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:,.1f}"
+
+
+def _device_summary(plan: Plan) -> str:
+    """Runs of identical devices in pipeline order: `4 x H100-80GB (79.6 GiB, 69.7 GiB usable) + 4 x H200 (...)`."""
+    runs: list[list] = []
+    for st in plan.stages:
+        if runs and (runs[-1][1].gpu, runs[-1][1].usable_bytes) == (st.gpu, st.usable_bytes):
+            runs[-1][0] += 1
+        else:
+            runs.append([1, st])
+    return " + ".join(
+        f"{count} x {st.gpu} ({_gib(st.capacity_bytes)} GiB, {_gib(st.usable_bytes)} GiB usable)" for count, st in runs
+    )
+
+
+def _does_not_fit(plan: Plan, kv: int) -> str:
+    st = plan.stages[plan.binding_stage]
+    per_token_layers = max(plan.partition) if plan.target == "sglang" else st.num_layers
+    lacks = st.weight_bytes + per_token_layers * kv - st.usable_bytes
+    what = "its weights" if st.weight_bytes > st.usable_bytes else "one KV token beside its weights"
+    return (
+        f"{plan.model} does not fit with partition {_csv(plan.partition)} ({plan.strategy}): stage "
+        f"{st.stage} ({st.gpu}, layers {st.layers[0]}-{st.layers[1] - 1}) needs {_gib(st.weight_bytes)} GiB "
+        f"of weights but has {_gib(st.usable_bytes)} GiB usable; it lacks {lacks / GiB:,.2f} GiB for {what}. "
+        f"Add stages, use larger GPUs, raise --mem-fraction or raise --tp"
+    )
+
+
+def format_comparison(plans: Sequence[Plan]) -> str:
+    """One row per strategy: partition, max_total_num_tokens and the gain over sglang-legacy."""
+    base = next((p for p in plans if p.strategy == BASELINE), None)
+    header = ("strategy", "partition", "max_total_num_tokens", f"vs {BASELINE}")
+    rows = []
+    for p in plans:
+        tokens = f"{p.max_total_num_tokens:,}" if p.fits else f"does not fit (stage {p.binding_stage})"
+        if not p.fits:
+            gain = "-"
+        elif base is None or not base.fits:
+            gain = "legacy does not fit"
+        else:
+            gain = f"{p.max_total_num_tokens / base.max_total_num_tokens:.3f}x"
+        rows.append((p.strategy, _csv(p.partition), tokens, gain))
+    return _table(header, rows, right={2, 3})
+
+
+def format_plan(plan: Plan, kv: int) -> str:
+    """Per-stage rows (layers, extras, weights, KV tokens, unused memory, a bar) and the binding stage."""
+    title = "explicit partition" if plan.strategy == EXPLICIT else f"strategy {plan.strategy}"
+    lines = [f"{title}: partition {_csv(plan.partition)}"]
+    header = ("stage", "gpu", "layers", "holds", "weights GiB", "KV tokens", "unused GiB", "memory (# weights, = KV, . unused)")
+    rows = []
+    for st in plan.stages:
+        holds = "+".join(name for name, on in (("embed", st.embedding), ("head", st.lm_head), ("mtp", st.mtp)) if on)
+        kv_used = plan.max_total_num_tokens * st.num_layers * kv
+        unused = st.usable_bytes - st.weight_bytes - kv_used
+        rows.append(
+            (
+                str(st.stage),
+                st.gpu,
+                f"{st.layers[0]}-{st.layers[1] - 1}",
+                holds or "-",
+                _gib(st.weight_bytes),
+                f"{st.kv_tokens:,}",
+                _gib(unused) if unused >= 0 else f"over by {_gib(-unused)}",
+                _bar(st.usable_bytes, st.weight_bytes, kv_used),
+            )
+        )
+    lines.append(_table(header, rows, right={0, 4, 5, 6}))
+    if plan.fits:
+        lines.append(
+            f"max_total_num_tokens {plan.max_total_num_tokens:,} (target {plan.target}); "
+            f"binding stage {plan.binding_stage} ({plan.stages[plan.binding_stage].gpu})"
+        )
+    else:
+        lines.append(f"does not fit (stage {plan.binding_stage})")
+    return "\n".join(lines)
+
+
+def _bar(usable: int, weights: int, kv_used: int) -> str:
+    if usable <= 0 or weights > usable:
+        return "[" + "#" * BAR_WIDTH + "]!"
+    w = round(BAR_WIDTH * weights / usable)
+    k = min(BAR_WIDTH - w, round(BAR_WIDTH * kv_used / usable))
+    return "[" + "#" * w + "=" * k + "." * (BAR_WIDTH - w - k) + "]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] = frozenset()) -> str:
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    return {
+        "strategy": plan.strategy,
+        "target": plan.target,
+        "partition": list(plan.partition),
+        "max_total_num_tokens": plan.max_total_num_tokens,
+        "fits": plan.fits,
+        "binding_stage": plan.binding_stage,
+        "stages": [
+            {
+                "stage": st.stage,
+                "gpu": st.gpu,
+                "capacity_bytes": st.capacity_bytes,
+                "usable_bytes": st.usable_bytes,
+                "layers": list(st.layers),
+                "embedding": st.embedding,
+                "lm_head": st.lm_head,
+                "mtp": st.mtp,
+                "weight_bytes": st.weight_bytes,
+                "kv_tokens": st.kv_tokens,
+            }
+            for st in plan.stages
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# models, gpus
+
+
+def models_command(args: argparse.Namespace) -> int:
+    from pipesplit.planner.costs import params_total, weight_bytes_total
+    from pipesplit.planner.spec import catalog_names, load_spec
+
+    rows = []
+    for name in catalog_names():
+        spec = load_spec(name)
+        rows.append(
+            {
+                "name": spec.name,
+                "architecture": spec.architecture,
+                "num_layers": spec.num_layers,
+                "params_total": params_total(spec),
+                "weight_bytes_total": weight_bytes_total(spec),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("model", "architecture", "layers", "params", "weights GiB")
+    table = [
+        (r["name"], r["architecture"], str(r["num_layers"]), f"{r['params_total'] / 1e9:,.2f}B", _gib(r["weight_bytes_total"]))
+        for r in rows
+    ]
+    print(_table(header, table, right={2, 3, 4}))
+    return 0
+
+
+def gpus_command(args: argparse.Namespace) -> int:
+    rows = [
+        {
+            "name": g.name,
+            "memory_mib": g.memory_mib,
+            "capacity_bytes": g.capacity_bytes,
+            "bandwidth_gbs": g.bandwidth_gbs,
+            "bf16_tflops": g.bf16_tflops,
+            "aliases": list(g.aliases),
+        }
+        for g in GPUS
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("gpu", "memory MiB", "GiB", "bandwidth GB/s", "BF16 TFLOPS (dense)")
+    table = [
+        (r["name"], f"{r['memory_mib']:,}", _gib(r["capacity_bytes"]), f"{r['bandwidth_gbs']:,.0f}", f"{r['bf16_tflops']:,.1f}")
+        for r in rows
+    ]
+    print(_table(header, table, right={1, 2, 3, 4}))
+    print("Names are matched loosely: H100, h100-80gb, A100-40GB, 4090, RTX4090 all work.")
+    return 0
+

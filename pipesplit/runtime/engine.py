@@ -1,0 +1,666 @@
+"""The engine: rank 0's loop that schedules micro-batches through the pipeline, and `LLM`.
+
+Hops from request to token: `LLM.submit` -> `Engine` inbox -> `Scheduler.schedule` (a
+micro-batch) -> `Stage.forward` on rank 0 -> stage processes (`stage.worker_loop`) -> the last
+stage's sampler -> token ids back to `Engine._complete` -> `RequestOutput` to the caller.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from pipesplit.errors import UserError
+from pipesplit.planner.plan import Plan
+from pipesplit.runtime.messages import RunConfig, StageReport, StepMessage, encode
+from pipesplit.runtime.sampler import SamplingParams
+from pipesplit.runtime.scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
+
+HEARTBEAT_SECONDS = 30.0
+WATCHER_GRACE_SECONDS = 3.0
+
+
+class EngineDeadError(RuntimeError):
+    """A stage process died or failed; the engine cannot serve any more requests."""
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A request's state after a step: everything generated so far plus what is new."""
+
+    req_id: int
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    delta_token_ids: tuple[int, ...]
+    delta_text: str
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """What /metrics shows; written by the engine thread only."""
+
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    finished_requests: int = 0
+    preemptions: int = 0
+    stage_step_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _InFlight:
+    batch: ScheduledBatch
+    sends: list
+    started: float
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    on_output: Callable[[RequestOutput], None]
+    sent_text: str = ""
+    sent_tokens: int = 0
+
+
+# -- process launch ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SpawnedStages:
+    """Stage processes 1..P-1 on this machine, watched: if one dies, `on_death` is called."""
+
+    def __init__(self, world_size: int, device: str) -> None:
+        self.port = free_port()
+        self.closing = False
+        env = dict(os.environ)
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port), WORLD_SIZE=str(world_size), PIPESPLIT_SPAWNED="1")
+        # Stages share the machine's cores: idle OpenMP threads must sleep, not spin.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        self.procs = {
+            rank: subprocess.Popen(
+                [sys.executable, "-m", "pipesplit.runtime.stage", device],
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdin=subprocess.DEVNULL,
+            )
+            for rank in range(1, world_size)
+        }
+
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        """Starts watching: the first stage that exits unasked is reported to `on_death`."""
+        self._on_death = on_death
+        threading.Thread(target=self._watch, daemon=True, name="stage-watch").start()
+
+    def init_method(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _watch(self) -> None:
+        while True:
+            for rank, proc in self.procs.items():
+                code = proc.poll()
+                if code is None or (self.closing and code == 0):
+                    continue
+                if self.closing:
+                    return
+                self.kill()
+                self._on_death(f"stage {rank} (pid {proc.pid}) {_describe_exit(code)}")
+                return
+            if self.closing and all(p.poll() is not None for p in self.procs.values()):
+                return
+            time.sleep(0.1)
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+# -- the engine ------------------------------------------------------------------------------------
+class Engine:
+    """Rank 0: owns stage 0, the scheduler and the micro-batches in flight."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        scheduler_config: SchedulerConfig,
+        *,
+        eos_token_ids: frozenset[int],
+        detokenize: Callable[[list[int]], str],
+        init_method: str | None,
+        watched: bool = False,
+    ) -> None:
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.detokenize = detokenize
+        self.scheduler_config = scheduler_config
+        self.num_stages = len(config.plan.stages)
+        self.error: BaseException | None = None
+        self.stats = EngineStats(stage_step_seconds=[0.0] * self.num_stages)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._tracked: dict[int, _Tracked] = {}
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._init_method = init_method  # None: from the torchrun environment
+        self.watched = watched  # a SpawnedStages watcher reports stage deaths (names the stage)
+
+    # start-up runs in the caller's thread so that load errors surface there
+    def start(self) -> None:
+        import torch
+
+        from pipesplit.runtime.kv_cache import SlotAllocator
+        from pipesplit.runtime.stage import start_stage
+
+        self._torch = torch
+        self.stage, self.capacity, self.reports, self.link = start_stage(
+            encode(self.config), self.config.device, init_method=self._init_method, world=self.num_stages
+        )
+        self.allocator = SlotAllocator(self.capacity)
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator)
+        self.max_context = min(self.stage.spec.max_position_embeddings, self.capacity)
+        self._inflight: collections.deque[_InFlight] = collections.deque()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="pipesplit-engine")
+        self._thread.start()
+
+    # -- called from any thread ----------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_output: Callable[[RequestOutput], None]) -> int:
+        self.raise_if_dead()
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise UserError("the prompt is empty; give at least one token")
+        vocab = self.stage.spec.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt_ids) >= self.max_context:
+            raise UserError(
+                f"the prompt has {len(prompt_ids)} tokens but at most {self.max_context - 1} fit "
+                f"(context length {self.stage.spec.max_position_embeddings}, KV capacity {self.capacity} tokens); "
+                "shorten the prompt"
+            )
+        with self._id_lock:
+            req_id = self._next_id
+            self._next_id += 1
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+        request = Request(req_id, prompt_ids, params, seed, self.max_context)
+        self._inbox.put(("add", _Tracked(request, on_output)))
+        self._wake.set()
+        return req_id
+
+    def abort(self, req_id: int) -> None:
+        self._inbox.put(("abort", req_id))
+        self._wake.set()
+
+    def raise_if_dead(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(str(self.error)) from self.error
+
+    def fail(self, reason: str) -> None:
+        """Called by the stage watcher: a stage is gone."""
+        if self.error is None:
+            self.error = EngineDeadError(reason)
+        self._stopping.set()
+        self._wake.set()
+        self._fail_all(reason)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_tokens_used": self.allocator.num_used,
+            "kv_tokens_free": self.allocator.num_free,
+        }
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        last_sent = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                self._drain_inbox()
+                batch = self.scheduler.schedule() if len(self._inflight) < self.scheduler_config.micro_batches else None
+                if batch is not None:
+                    self._launch(batch)
+                    last_sent = time.monotonic()
+                elif self._inflight:
+                    self._complete_oldest()
+                elif time.monotonic() - last_sent > HEARTBEAT_SECONDS or self.scheduler.pending_release():
+                    # Idle stages wait in recv, which times out: keep them fed, and pass releases on.
+                    self._send_release()
+                    last_sent = time.monotonic()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            self._shutdown()
+        except BaseException as exc:  # noqa: BLE001 -- every waiter must hear about it
+            # A dead peer shows here first as a transport error; the stage watcher names the
+            # stage and the cause a moment later, which is what the user needs to read.
+            deadline = time.monotonic() + (WATCHER_GRACE_SECONDS if self.watched else 0)
+            while self.error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.error is None:
+                self.error = exc
+            self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._tracked[item.request.req_id] = item
+                self.scheduler.add(item.request)
+                self.stats.prompt_tokens += len(item.request.prompt_ids)
+            elif kind == "abort":
+                tracked = self._tracked.get(item)
+                if tracked is None:
+                    continue
+                if tracked.request.in_flight:
+                    tracked.request.abort_requested = True
+                else:
+                    self._finish(tracked, "abort")
+
+    def _launch(self, batch: ScheduledBatch) -> None:
+        torch = self._torch
+        message = batch.message
+        ids = []
+        for request, seq in zip(batch.requests, message.seqs):
+            n = len(seq.new_slots)
+            ids.extend(request.all_ids[request.num_computed - n : request.num_computed])
+        inputs = torch.tensor(ids, dtype=torch.long, device=self.stage.device)
+        started = time.perf_counter()
+        out = self.stage.forward(message, inputs)
+        elapsed = time.perf_counter() - started
+        if self.num_stages == 1:
+            tokens = self.stage.sample(message, out).tolist() if message.num_samples else []
+            self._record_step_times([elapsed])
+            self._complete(batch, tokens)
+            return
+        timings = torch.zeros(self.num_stages, dtype=torch.float64)
+        timings[0] = elapsed
+        sends = self.link.send_step(message, out, timings, 1)
+        self._inflight.append(_InFlight(batch, sends, started))
+
+    def _complete_oldest(self) -> None:
+        torch = self._torch
+        flight = self._inflight.popleft()
+        n = flight.batch.message.num_samples
+        reply = torch.empty(n + self.num_stages, dtype=torch.float64, device=self.link.device)
+        torch.distributed.recv(reply, self.num_stages - 1)
+        for work, _ in flight.sends:
+            work.wait()
+        reply = reply.cpu()
+        self._record_step_times(reply[n:].tolist())
+        self._complete(flight.batch, [int(t) for t in reply[:n].tolist()])
+
+    def _record_step_times(self, seconds: list[float]) -> None:
+        # An exponential moving average keeps /metrics readable under bursty load.
+        for i, s in enumerate(seconds):
+            old = self.stats.stage_step_seconds[i]
+            self.stats.stage_step_seconds[i] = s if old == 0 else 0.8 * old + 0.2 * s
+
+    def _complete(self, batch: ScheduledBatch, tokens: list[int]) -> None:
+        for request, token in self.scheduler.complete(batch, tokens):
+            tracked = self._tracked[request.req_id]
+            if request.abort_requested:
+                self._finish(tracked, "abort")
+                continue
+            if token is None:
+                continue
+            request.output_ids.append(token)
+            self.stats.generated_tokens += 1
+            reason = self._stop_reason(request, token)
+            if reason is None:
+                self._emit(tracked)
+            else:
+                self._finish(tracked, reason)
+        self.stats.preemptions = self.scheduler.num_preemptions
+
+    def _stop_reason(self, request: Request, token: int) -> str | None:
+        params = request.params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if params.stop and self._find_stop(self._tracked[request.req_id]) is not None:
+            return "stop"
+        if len(request.output_ids) >= params.max_tokens or request.num_tokens >= request.max_context:
+            return "length"
+        return None
+
+    def _text(self, tracked: _Tracked) -> str:
+        return self.detokenize(tracked.request.output_ids)
+
+    def _find_stop(self, tracked: _Tracked) -> int | None:
+        text = self._text(tracked)
+        hits = [i for i in (text.find(s) for s in tracked.request.params.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _emit(self, tracked: _Tracked, final_reason: str | None = None) -> None:
+        request = tracked.request
+        text = self._text(tracked)
+        if final_reason is None:
+            # Hold back an incomplete UTF-8 character and a possible start of a stop string.
+            text = text.rstrip("\ufffd")
+            for stop in request.params.stop:
+                for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:k]):
+                        text = text[:-k]
+                        break
+        else:
+            cut = self._find_stop(tracked) if request.params.stop else None
+            if cut is not None:
+                text = text[:cut]
+        if not text.startswith(tracked.sent_text):
+            text = tracked.sent_text  # never take back what was already streamed
+        delta_tokens = tuple(request.output_ids[tracked.sent_tokens :])
+        output = RequestOutput(
+            req_id=request.req_id,
+            prompt_token_ids=tuple(request.prompt_ids),
+            token_ids=tuple(request.output_ids),
+            text=text,
+            delta_token_ids=delta_tokens,
+            delta_text=text[len(tracked.sent_text) :],
+            finished=final_reason is not None,
+            finish_reason=final_reason,
+        )
+        tracked.sent_text, tracked.sent_tokens = text, len(request.output_ids)
+        tracked.on_output(output)
+
+    def _finish(self, tracked: _Tracked, reason: str) -> None:
+        self.scheduler.finish(tracked.request, reason)
+        self.stats.finished_requests += 1
+        self._tracked.pop(tracked.request.req_id, None)
+        self._emit(tracked, reason)
+
+    def _fail_all(self, reason: str) -> None:
+        for tracked in list(self._tracked.values()):
+            try:
+                self._emit(tracked, "abort")
+            except Exception:  # noqa: BLE001 -- a broken callback must not hide the failure
+                pass
+        self._tracked.clear()
+
+    def _shutdown(self) -> None:
+        while self._inflight:
+            self._complete_oldest()
+        for tracked in list(self._tracked.values()):
+            if not tracked.request.in_flight:
+                self._finish(tracked, "abort")
+        if self.num_stages > 1 and self.error is None:
+            self._send_release(shutdown=True)
+
+    def _send_release(self, shutdown: bool = False) -> None:
+        """A step with no sequences: passes pending releases (or the shutdown order) down the pipeline."""
+        message = self.scheduler.release_message()
+        if shutdown:
+            message = StepMessage(step_id=message.step_id, shutdown=True)
+        self.stage.apply(message)
+        if self.num_stages == 1:
+            return
+        timings = self._torch.zeros(self.num_stages, dtype=self._torch.float64)
+        for work, _ in self.link.send_step(message, None, timings, 1):
+            work.wait()
+
+
+# -- the user-facing API ------------------------------------------------------------------------------
+class LLM:
+    """A pipeline-parallel model: `with LLM("smollm2", pp=2) as llm: llm.generate(prompts, params)`.
+
+    Spawns the stage processes on this machine, or, when started by torchrun (RANK and
+    WORLD_SIZE set, this being rank 0), joins the stages torchrun started on every node.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        pp: int = 1,
+        *,
+        strategy: str | None = None,
+        partition: str | Sequence[int] | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        mem_budget_gib: float | None = None,
+        mem_fraction: float = 0.9,
+        micro_batches: int | None = None,
+        max_batch_tokens: int = 2048,
+        max_running_requests: int = 256,
+        chunked_prefill_size: int = 512,
+        threads: int | None = None,
+        mtp: bool = False,
+        log: bool = True,
+    ) -> None:
+        from pipesplit.runtime.loader import resolve_model
+        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan
+        from pipesplit.runtime.tokenizer import load_tokenizer
+
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        if device not in ("cpu", "cuda"):
+            raise UserError(f"unknown device {device!r}; use cpu or cuda")
+        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "PIPESPLIT_SPAWNED" not in os.environ
+        if torchrun:
+            if int(os.environ["RANK"]) != 0:
+                raise RuntimeError("LLM is built on rank 0 only; other ranks run pipesplit.runtime.stage.worker_main")
+            world = int(os.environ["WORLD_SIZE"])
+            if world != pp:
+                raise UserError(f"torchrun started {world} processes but --pp is {pp}; make them equal")
+        self.source = resolve_model(model)
+        self.spec = self.source.spec
+        try:
+            self.tokenizer = load_tokenizer(self.source)
+        except UserError:
+            self.tokenizer = None  # a checkpoint without tokenizer files still runs on token ids
+        budgets = budgets_for(self.spec, pp, device, mem_budget_gib, mem_fraction)
+        self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp)
+        cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
+        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp)
+        scheduler_config = SchedulerConfig(
+            micro_batches=micro_batches or pp,
+            max_batch_tokens=max_batch_tokens,
+            max_running_requests=max_running_requests,
+            chunked_prefill_size=chunked_prefill_size,
+        )
+        self._closed = True
+        self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
+        if self._spawned is not None:
+            init_method = self._spawned.init_method()
+        else:
+            init_method = None if torchrun else f"tcp://127.0.0.1:{free_port()}"
+        self.engine = Engine(
+            config,
+            scheduler_config,
+            eos_token_ids=frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.spec.eos_token_ids),
+            detokenize=self.tokenizer.decode if self.tokenizer else (lambda ids: ""),
+            init_method=init_method,
+            watched=self._spawned is not None,
+        )
+        if self._spawned is not None:
+            self._spawned.watch(self.engine.fail)
+        self._start_engine()
+        self._closed = False
+        if log:
+            print(self.startup_report(), file=sys.stderr, flush=True)
+
+    def _start_engine(self) -> None:
+        """Starts rank 0's stage; a stage process that dies meanwhile ends the wait at once.
+
+        The start runs in a helper thread because joining the process group or a collective
+        blocks in C++ until every rank arrives, and a rank that died never will.
+        """
+        failure: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                self.engine.start()
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread
+                failure.append(exc)
+
+        starter = threading.Thread(target=start, daemon=True, name="pipesplit-start")
+        starter.start()
+        while starter.is_alive() and self.engine.error is None:
+            starter.join(0.1)
+        if self.engine.error is not None or failure:
+            self._kill()
+            if self.engine.error is not None:
+                raise EngineDeadError(str(self.engine.error)) from None
+            raise failure[0]
+
+    # -- info ---------------------------------------------------------------------------------------
+    @property
+    def max_total_num_tokens(self) -> int:
+        return self.engine.capacity
+
+    @property
+    def stage_reports(self) -> list[StageReport]:
+        return self.engine.reports
+
+    def startup_report(self) -> str:
+        """Each stage's own capacity, the binding stage and the agreed capacity."""
+        binding = min(self.stage_reports, key=lambda r: r.kv_tokens)
+        lines = [
+            f"pipesplit: {self.spec.name} on {len(self.stage_reports)} stage(s), partition "
+            f"{','.join(map(str, self.plan.partition))}: max_total_num_tokens {self.max_total_num_tokens} "
+            f"(binding stage {binding.stage})"
+        ]
+        for plan_stage, r in zip(self.plan.stages, self.stage_reports):
+            start, end = plan_stage.layers
+            lines.append(
+                f"pipesplit:   stage {r.stage}: layers {start}-{end - 1}, weights {r.param_bytes / 2**20:.1f} MiB, "
+                f"budget {r.budget_bytes / 2**20:.1f} MiB, own capacity {r.kv_tokens} tokens"
+            )
+        return "\n".join(lines)
+
+    # -- requests -----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UserError(f"{self.spec.name} has no tokenizer files; give token ids instead of text")
+            if chat:
+                return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, chat: bool = False) -> Iterator[RequestOutput]:
+        """Yields a RequestOutput per new token; the last one has finished=True."""
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        req_id = self.engine.submit(self.encode_prompt(prompt, chat), params or SamplingParams(), outputs.put)
+        try:
+            while True:
+                try:
+                    output = outputs.get(timeout=0.5)
+                except queue.Empty:
+                    self.engine.raise_if_dead()
+                    continue
+                yield output
+                if output.finished:
+                    self.engine.raise_if_dead()
+                    return
+        finally:
+            self.engine.abort(req_id)  # no-op if it finished; frees its slots if the caller left early
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat: bool = False,
+    ) -> list[RequestOutput]:
+        """Runs all prompts concurrently and returns their final outputs, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(params)} SamplingParams; give one or one per prompt")
+        encoded = [self.encode_prompt(p, chat) for p in prompts]
+        done = threading.Event()
+        finals: dict[int, RequestOutput] = {}
+        lock = threading.Lock()
+
+        def collect(output: RequestOutput) -> None:
+            if output.finished:
+                with lock:
+                    finals[output.req_id] = output
+                    if len(finals) == len(encoded):
+                        done.set()
+
+        ids = [self.engine.submit(ids, p, collect) for ids, p in zip(encoded, params)]
+        while not done.wait(0.2):
+            self.engine.raise_if_dead()
+        self.engine.raise_if_dead()
+        return [finals[i] for i in ids]
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        if self._spawned is not None:
+            self._spawned.closing = True
+        # After a failure the engine thread may sit in a recv from a dead peer: do not wait long.
+        self.engine.stop(timeout=2.0 if self.engine.error is not None else 30.0)
+        if self._spawned is not None:
+            if self.engine.error is not None:
+                self._spawned.kill()
+            self._spawned.wait(timeout=10)
+        import torch.distributed as dist
+
+        if self.engine.error is None and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _kill(self) -> None:
+        if self._spawned is not None:
+            self._spawned.closing = True
+            self._spawned.kill()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass

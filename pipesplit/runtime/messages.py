@@ -1,0 +1,138 @@
+"""Typed control messages between stage processes, and their one serializer.
+
+Control flows down the pipeline with the activations: stage 0 sends a `StepMessage` and then the
+hidden-state tensor to stage 1, which forwards both, and the last stage sends the sampled token
+ids back to stage 0 as a plain int64 tensor. Messages are small frozen dataclasses encoded as
+tagged JSON; tensors never go through this codec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from pipesplit.planner.plan import Plan, StagePlan
+from pipesplit.runtime.sampler import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """A request the last stage has not seen: what it needs to sample for it."""
+
+    req_id: int
+    params: SamplingParams
+    seed: int
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One sequence's share of a micro-batch: `new_slots` hold the K/V of its new tokens."""
+
+    req_id: int
+    context_len: int
+    new_slots: tuple[int, ...]
+    sample: bool
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    """One micro-batch, or (with `shutdown`) the order to stop.
+
+    `preempted` requests drop their KV slots but keep their sampler; `finished` ones drop both.
+    Both lists are applied before `seqs`.
+    """
+
+    step_id: int
+    seqs: tuple[SeqStep, ...] = ()
+    new_requests: tuple[NewRequest, ...] = ()
+    preempted: tuple[int, ...] = ()
+    finished: tuple[int, ...] = ()
+    shutdown: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.new_slots) for s in self.seqs)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(1 for s in self.seqs if s.sample)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every stage process needs to build itself, sent by rank 0 at start-up."""
+
+    model: str
+    plan: Plan
+    dtype: str
+    device: str
+    budgets: tuple[int, ...]
+    mem_fraction: float
+    threads: int
+    mtp: bool = False
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """A stage's start-up result, gathered by rank 0."""
+
+    stage: int
+    param_bytes: int
+    kv_tokens: int
+    load_seconds: float
+    budget_bytes: int
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls for cls in (NewRequest, SeqStep, StepMessage, RunConfig, StageReport, SamplingParams, Plan, StagePlan)
+}
+
+
+def encode(message: Any) -> bytes:
+    return json.dumps(_to_json(message), separators=(",", ":")).encode()
+
+
+def decode(payload: bytes) -> Any:
+    return _from_json(json.loads(payload))
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__type__": type(value).__name__, **fields}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and "__type__" in value:
+        cls = MESSAGE_TYPES[value["__type__"]]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in value:
+                kwargs[f.name] = _coerce(_from_json(value[f.name]), hints[f.name])
+        return cls(**kwargs)
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """JSON has lists only: restore tuples where the field is declared a tuple."""
+    if isinstance(value, list):
+        origin = typing.get_origin(hint)
+        if origin is tuple:
+            args = typing.get_args(hint)
+            inner = args[0] if args else Any
+            return tuple(_coerce(v, inner) for v in value)
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            for arg in typing.get_args(hint):
+                if typing.get_origin(arg) is tuple:
+                    return _coerce(value, arg)
+        return tuple(value) if hint is tuple else value
+    return value

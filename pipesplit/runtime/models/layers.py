@@ -1,0 +1,525 @@
+"""Shared layers: RMSNorm, rotary embeddings, SwiGLU MLP and paged GQA attention.
+
+Attention reads and writes a paged KV pool: each token owns one slot of a
+`[num_slots, kv_heads, head_dim]` tensor per layer, and a sequence's context is the list of its
+slots. `AttentionBatch` describes one forward: the new tokens of every sequence, flattened in
+sequence order, and where their context lives. What the layers derive from it (gather indices,
+masks) is built once per forward and memoised on the batch, not per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipesplit.errors import UserError
+
+if TYPE_CHECKING:
+    from pipesplit.planner.spec import ModelSpec
+
+
+# -- the batch ---------------------------------------------------------------------------------
+@dataclass
+class AttentionBatch:
+    """One forward's tokens: new tokens of each sequence, flattened in sequence order.
+
+    positions: absolute position of each new token, LongTensor[T].
+    slot_mapping: pool slot each new token's K/V is written to, LongTensor[T].
+    query_lens: new tokens per sequence (sum T).
+    context_lens: tokens in each sequence's context, the new ones included (they come last).
+    context_slots: per sequence, the pool slots of its whole context in order (len == context_len).
+    logits_indices: rows of [0, T) whose logits the last stage returns.
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_lens: list[int]
+    context_lens: list[int]
+    context_slots: list[torch.Tensor]
+    logits_indices: torch.Tensor
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not (len(self.query_lens) == len(self.context_lens) == len(self.context_slots)):
+            raise ValueError("query_lens, context_lens and context_slots need one entry per sequence")
+        if sum(self.query_lens) != self.positions.numel() or self.slot_mapping.numel() != self.positions.numel():
+            raise ValueError(
+                f"query_lens sum to {sum(self.query_lens)} but there are {self.positions.numel()} positions "
+                f"and {self.slot_mapping.numel()} slots"
+            )
+        for q, c, slots in zip(self.query_lens, self.context_lens, self.context_slots):
+            if not 0 < q <= c or slots.numel() != c:
+                raise ValueError(f"a sequence has query_len {q}, context_len {c} and {slots.numel()} context slots")
+
+    @classmethod
+    def for_sequences(
+        cls, seqs: Sequence[tuple[Sequence[int], int, bool]], device: torch.device | str
+    ) -> "AttentionBatch":
+        """The batch of `seqs`, each (its whole context's slots, how many of them are new: the
+        last ones, whether its last new token is sampled)."""
+        positions, slot_mapping, query_lens, context_lens, context_slots, logits_indices = [], [], [], [], [], []
+        offset = 0
+        for slots, q, sample in seqs:
+            c = len(slots)
+            positions.extend(range(c - q, c))
+            slot_mapping.extend(slots[c - q :])
+            query_lens.append(q)
+            context_lens.append(c)
+            context_slots.append(torch.tensor(slots, dtype=torch.long, device=device))
+            offset += q
+            if sample:
+                logits_indices.append(offset - 1)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        return cls(as_tensor(positions), as_tensor(slot_mapping), query_lens, context_lens, context_slots,
+                   as_tensor(logits_indices))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.numel()
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """`build()` once per batch (per key); later calls return the same object."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+
+@dataclass
+class _AttentionGroup:
+    """Sequences attended together: queries padded to [B, Q], keys gathered to [B, C]."""
+
+    batch: int  # B
+    queries: int  # Q
+    query_rows: torch.Tensor | None  # [B*Q] row of the new-token tensor for each padded query (None: identity)
+    output_rows: torch.Tensor | None  # real rows of the padded [B*Q] output, in token order (None: all)
+    token_rows: torch.Tensor | None  # the tokens those rows belong to (None: the group is every token, in order)
+    key_slots: torch.Tensor  # [B, C] pool slot of each context position; padding repeats a real slot
+    query_pos: torch.Tensor  # [B, Q] context position of each padded query
+    masks: dict = field(default_factory=dict)  # (window, n_rep, dtype) -> additive mask [B, 1, n_rep*Q, C]
+    buffers: dict = field(default_factory=dict)  # gather targets, reused by every layer of the forward
+
+    def gather(self, pool: torch.Tensor, which: str) -> torch.Tensor:
+        """The context rows of `pool`, [B, C, *pool.shape[1:]], copied into a reused buffer."""
+        b, c = self.key_slots.shape
+        shape = (b * c, *pool.shape[1:])
+        key = (which, pool.dtype, pool.device, shape)
+        if key not in self.buffers:
+            self.buffers[key] = pool.new_empty(shape)
+        # index_select into a kept buffer: no page faults from a fresh allocation on every layer
+        out = torch.index_select(pool, 0, self.flat_slots, out=self.buffers[key])
+        return out.view(b, c, *pool.shape[1:])
+
+    @property
+    def flat_slots(self) -> torch.Tensor:
+        return self.key_slots.view(-1)
+
+    def mask(self, window: int | None, n_rep: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (window, n_rep, dtype)
+        if key not in self.masks:
+            context = self.key_slots.shape[1]
+            key_pos = torch.arange(context, device=self.key_slots.device)
+            allowed = key_pos[None, None, :] <= self.query_pos[:, :, None]
+            if window is not None:
+                allowed &= key_pos[None, None, :] > self.query_pos[:, :, None] - window
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            additive.masked_fill_(~allowed, float("-inf"))
+            b, q, c = additive.shape
+            self.masks[key] = additive[:, None].expand(b, n_rep, q, c).reshape(b, 1, n_rep * q, c)
+        return self.masks[key]
+
+
+# Padding a group costs this many times the work of its real (query, key) pairs at most;
+# beyond it, each prefill sequence is attended on its own.
+_MAX_PADDING_WASTE = 2.0
+
+
+def _attention_groups(batch: AttentionBatch, device: torch.device) -> list[_AttentionGroup]:
+    """Decodes (query_len 1) form one group; prefills one more, or one each if padding wastes too much."""
+    seqs = range(len(batch.query_lens))
+    decodes = [i for i in seqs if batch.query_lens[i] == 1]
+    prefills = [i for i in seqs if batch.query_lens[i] > 1]
+    plans = [decodes] if decodes else []
+    if prefills:
+        longest_query = max(batch.query_lens[i] for i in prefills)
+        padded = len(prefills) * longest_query * max(batch.context_lens[i] for i in prefills)
+        real = sum(batch.query_lens[i] * batch.context_lens[i] for i in prefills)
+        plans += [prefills] if padded <= _MAX_PADDING_WASTE * real else [[i] for i in prefills]
+    starts = [0]
+    for q in batch.query_lens:
+        starts.append(starts[-1] + q)
+    whole = len(plans) == 1
+    return [_build_group(batch, members, starts, whole, device) for members in plans]
+
+
+def _build_group(
+    batch: AttentionBatch, members: list[int], starts: list[int], whole: bool, device: torch.device
+) -> _AttentionGroup:
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    q_lens = as_long([batch.query_lens[i] for i in members])
+    c_lens = as_long([batch.context_lens[i] for i in members])
+    first_row = as_long([starts[i] for i in members])
+    b, q_max = len(members), max(batch.query_lens[i] for i in members)
+    step = torch.arange(q_max, device=device)[None, :]
+    # padded queries repeat the sequence's last real query, so every padded row has a valid mask
+    clamped = torch.minimum(step, q_lens[:, None] - 1)
+    query_rows = (first_row[:, None] + clamped).reshape(-1)
+    query_pos = c_lens[:, None] - q_lens[:, None] + clamped
+    real = (step < q_lens[:, None]).reshape(-1)
+
+    slots = [batch.context_slots[i].to(device=device, dtype=torch.long) for i in members]
+    key_slots = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True, padding_value=-1)
+    last_slot = key_slots[torch.arange(b, device=device), c_lens - 1]
+    # padding gathers a real (written) slot, never uninitialised memory: 0 * NaN would leak
+    key_slots = torch.where(key_slots < 0, last_slot[:, None], key_slots)
+
+    if q_max == 1 and whole:
+        query_rows = output_rows = token_rows = None
+    elif whole:
+        output_rows, token_rows = real.nonzero().squeeze(1), None
+    else:
+        output_rows = real.nonzero().squeeze(1)
+        token_rows = query_rows[output_rows]
+    return _AttentionGroup(b, q_max, query_rows, output_rows, token_rows, key_slots, query_pos)
+
+
+# -- norms, MLP ------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(
+        self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# -- rotary embeddings ---------------------------------------------------------------------------
+def default_inv_freq(dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between."""
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_context = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 * mscale * ln(scale) + 1 for scale > 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_inv_freq(dim: int, theta: float, scaling: dict, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, extrapolate high ones, ramp between.
+
+    Returns (inv_freq, attention_factor); cos/sin are multiplied by attention_factor.
+    """
+    original = int(scaling.get("original_max_position_embeddings") or max_position_embeddings)
+    # DeepSeek-V3 style configs may omit factor: the context extension ratio stands in for it
+    factor = float(scaling.get("factor") or max_position_embeddings / original)
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a division by zero in the ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = default_inv_freq(dim, theta)
+    interpolation = extrapolation / factor
+    extrapolation_share = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_share) + extrapolation * extrapolation_share
+    return inv_freq, float(attention_factor)
+
+
+def rope_parameters(
+    dim: int, theta: float, scaling: dict | None, max_position_embeddings: int
+) -> tuple[torch.Tensor, float]:
+    """(inv_freq [dim/2] float32, attention_scaling) for a rope config."""
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind == "default":
+        return default_inv_freq(dim, theta), 1.0
+    if kind == "linear":
+        return default_inv_freq(dim, theta) / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        return llama3_inv_freq(default_inv_freq(dim, theta), scaling), 1.0
+    if kind == "yarn":
+        return yarn_inv_freq(dim, theta, scaling, max_position_embeddings)
+    raise UserError(f"rope_scaling type {kind!r} is not supported; supported: default, linear, llama3, yarn")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the new tokens' positions (the "rotate half" layout of HF checkpoints)."""
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None, max_position_embeddings: int) -> None:
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_parameters(dim, theta, scaling, max_position_embeddings)
+        # not a buffer: it is derived from the config, never loaded, and must survive meta construction
+        self.inv_freq = inv_freq
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [T, heads, dim] rotated by the (cos, sin) of its tokens, each [T, 1, dim]."""
+    cos, sin = rope
+    return x * cos + _rotate_half(x) * sin
+
+
+# -- attention --------------------------------------------------------------------------------------
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of the new tokens' queries q [T, heads, dim] over their contexts in the pools.
+
+    The new tokens' K/V must already be in the pools. Returns [T, heads * v_dim].
+    """
+    tokens, heads, dim = q.shape
+    kv_heads, v_dim = k_pool.shape[1], v_pool.shape[2]
+    n_rep = heads // kv_heads
+    groups = batch.memo(("attention_groups", q.device), lambda: _attention_groups(batch, q.device))
+    out = None if len(groups) == 1 else q.new_empty(tokens, heads * v_dim)
+    for g in groups:
+        b, q_len = g.batch, g.queries
+        q_pad = q if g.query_rows is None else q.index_select(0, g.query_rows)
+        # GQA without repeating K/V: the n_rep query heads sharing a KV head become extra query rows
+        q_pad = q_pad.view(b, q_len, kv_heads, n_rep, dim).permute(0, 2, 3, 1, 4)
+        q_pad = q_pad.reshape(b, kv_heads, n_rep * q_len, dim)
+        keys = g.gather(k_pool, "k").transpose(1, 2)
+        values = g.gather(v_pool, "v").transpose(1, 2)
+        mask = g.mask(window, n_rep, q.dtype)
+        o = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=mask, scale=scale)
+        o = o.view(b, kv_heads, n_rep, q_len, v_dim).permute(0, 3, 1, 2, 4).reshape(b * q_len, heads * v_dim)
+        if g.output_rows is not None:
+            o = o.index_select(0, g.output_rows)
+        if out is None:
+            return o
+        out[g.token_rows] = o
+    return out
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with optional q/k/v (and o) biases and per-head q/k RMSNorm."""
+
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+        eps: float,
+        window: int | None,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.window = window
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias, dtype=dtype, device=device)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps, dtype, device)
+            self.k_norm = RMSNorm(head_dim, eps, dtype, device)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: AttentionBatch,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        k_pool, v_pool = kv
+        if k_pool.dtype != q.dtype:
+            raise ValueError(f"KV pool dtype {k_pool.dtype} differs from the model dtype {q.dtype}")
+        k_pool.index_copy_(0, batch.slot_mapping, k)
+        v_pool.index_copy_(0, batch.slot_mapping, v)
+        return self.o_proj(paged_attention(q, k_pool, v_pool, batch, self.scale, self.window))
+
+
+def apply_rotary_interleaved(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [T, heads, dim] rotated in adjacent pairs (x0, x1), (x2, x3), ... (DeepSeek's layout).
+
+    The result lists the pairs' first elements, then their second ones: a fixed permutation of
+    the interleaved output, harmless because queries and keys are rotated alike.
+    """
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+
+
+# -- decoder layers and stages ------------------------------------------------------------------------
+class PreNormDecoderLayer(nn.Module):
+    """h + attn(norm(h)), then h + mlp(norm(h)); the MLP is registered under `mlp_name`
+    (`mlp`, or `block_sparse_moe` in Mixtral checkpoints) so parameter names match the checkpoint."""
+
+    def __init__(
+        self,
+        hidden: int,
+        eps: float,
+        attention: nn.Module,
+        mlp: nn.Module,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        mlp_name: str = "mlp",
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.self_attn = attention
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
+        setattr(self, mlp_name, mlp)
+        self.mlp_name = mlp_name
+
+    def forward(self, h: torch.Tensor, batch: AttentionBatch, kv: tuple[torch.Tensor, ...], rope) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), batch, kv, rope)
+        return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
+
+
+def check_buildable(spec: "ModelSpec", family: str, formats: tuple[str, ...]) -> None:
+    """A family's stage builds only its own family, from checkpoint formats it can load."""
+    if spec.family != family:
+        raise UserError(f"{spec.model_type} models are not {family}-family; the {family} stage cannot build them")
+    if spec.quantization.method not in formats:
+        names = {"none": "unquantized", "fp8": "block-fp8"}
+        raise UserError(f"{spec.quantization.method} checkpoints of {spec.model_type} models are not supported; "
+                        f"use an {' or '.join(names[f] for f in formats)} checkpoint")
+
+
+class DecoderStage(nn.Module):
+    """Decoder layers [start, end) with, if asked, the embedding (first stage) and the final
+    norm + lm_head (last stage); parameter names are the checkpoint's, global indices included.
+
+    make_layer(index) builds decoder layer `index`. held_layers: extra modules stored under
+    `model.layers.{index}` that the stage holds but never runs (DeepSeek's MTP module).
+    forward(inputs, batch, kv_cache): token ids [T] on the first stage, else the residual stream
+    [T, hidden]; returns float32 logits of batch.logits_indices on the last stage, else [T, hidden].
+    """
+
+    def __init__(
+        self,
+        spec: "ModelSpec",
+        layers: tuple[int, int],
+        embedding: bool,
+        lm_head: bool,
+        make_layer: Callable[[int], nn.Module],
+        rotary: nn.Module,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        held_layers: dict[int, nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        start, end = layers
+        if not 0 <= start <= end <= spec.num_layers:
+            raise ValueError(f"layers {start}..{end} out of range for a model with {spec.num_layers} layers")
+        self.spec = spec
+        self.layer_range = (start, end)
+        self.has_embedding, self.has_lm_head = embedding, lm_head
+        self.model = nn.Module()
+        if embedding:
+            # Given a weight, nn.Embedding skips its random init: the loader overwrites it anyway,
+            # and on the meta device that init alone costs seconds of lazy imports.
+            weight = torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
+            self.model.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=weight)
+        self.model.layers = nn.ModuleDict({str(i): make_layer(i) for i in range(start, end)})
+        for index, module in (held_layers or {}).items():
+            self.model.layers[str(index)] = module
+        if lm_head:
+            self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+            # tied and holding the embedding (PP=1): the head reads the embedding's weight, stored once
+            if not (spec.tie_word_embeddings and embedding):
+                self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device=device)
+        self.rotary = rotary
+        self._layers = [(i, self.model.layers[str(i)]) for i in range(start, end)]
+
+    def head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
+
+    def forward(self, inputs: torch.Tensor, batch: AttentionBatch, kv_cache: dict) -> torch.Tensor:
+        h = self.model.embed_tokens(inputs) if self.has_embedding else inputs
+        if self._layers:
+            rope = self.rotary(batch.positions, h.dtype)
+            for index, layer in self._layers:
+                h = layer(h, batch, kv_cache[index], rope)
+        if not self.has_lm_head:
+            return h
+        h = self.model.norm(h.index_select(0, batch.logits_indices))
+        return F.linear(h, self.head_weight()).float()

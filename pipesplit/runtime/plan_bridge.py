@@ -1,0 +1,77 @@
+"""The planner, asked the runtime's question: which layers each stage process holds.
+
+The runtime's weights and KV cache are in its load dtype, and each stage's memory budget is what
+the process may use (CPU: `--mem-budget`; CUDA: the device memory under `--mem-fraction`). The
+plan built here is the object the stages are built from, and its `kv_tokens` are what the stages
+will measure after loading (a test holds the two equal).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from pipesplit.errors import UserError
+from pipesplit.planner.costs import cost_model
+from pipesplit.planner.hardware import Device
+from pipesplit.planner.plan import Plan, make_plan
+from pipesplit.planner.spec import ModelSpec
+
+GiB = 1 << 30
+# Without --mem-budget a CPU stage gets a share of the available RAM, capped so that a default
+# run does not zero gigabytes of KV pool it will never use.
+DEFAULT_CPU_SHARE = 0.25
+DEFAULT_CPU_CAP_GIB = 2.0
+
+
+def available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def budgets_for(spec: ModelSpec, pp: int, device: str, mem_budget_gib: float | None, mem_fraction: float) -> tuple[int, ...]:
+    """Per-stage bytes for weights plus KV cache, as the planner sees them."""
+    if pp < 1:
+        raise UserError(f"--pp is {pp}; give at least 1")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+        total = torch.cuda.get_device_properties(0).total_memory
+        return (int(total * mem_fraction),) * pp
+    if mem_budget_gib is not None:
+        if mem_budget_gib <= 0:
+            raise UserError(f"--mem-budget is {mem_budget_gib:g} GiB; give a positive size")
+        return (int(mem_budget_gib * GiB),) * pp
+    share = min(available_ram_bytes() * DEFAULT_CPU_SHARE / pp, DEFAULT_CPU_CAP_GIB * GiB)
+    return (int(share),) * pp
+
+
+def runtime_plan(
+    spec: ModelSpec,
+    pp: int,
+    strategy: str | None,
+    partition: str | Sequence[int] | None,
+    dtype: str,
+    budgets: Sequence[int],
+    mtp: bool = False,
+) -> Plan:
+    """The plan the stage processes are built from (default strategy: max-kv)."""
+    cost = cost_model(spec, tp=1, kv_dtype=dtype, mtp=mtp, weight_dtype=dtype)
+    devices = [Device("budget", b) for b in budgets]
+    return make_plan(
+        cost,
+        devices,
+        strategy=strategy,
+        partition=partition,
+        mem_fraction=1.0,
+        reserve_gib=0.0,
+        model=spec.name,
+    )

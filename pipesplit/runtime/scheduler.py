@@ -1,0 +1,214 @@
+"""The scheduler (rank 0): which requests run in the next micro-batch, and their KV slots.
+
+Continuous batching: requests join and leave between steps. Each step takes running requests
+that are not already in flight (a request's next token depends on its previous one), then admits
+waiting ones while the token budget, the request limit and free KV slots allow. A long prompt is
+prefilled in chunks. With M micro-batches in flight, one batch takes at most 1/M of the live
+requests, so the pipeline's stages each have a different micro-batch to work on.
+
+When a running request needs slots and the pool is full, the youngest running request that is
+not in flight is preempted: its slots go back to the pool and it waits to be recomputed from its
+prompt plus what it has generated. Nothing is over-committed and no request is lost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from pipesplit.runtime.kv_cache import SlotAllocator
+from pipesplit.runtime.messages import NewRequest, SeqStep, StepMessage
+from pipesplit.runtime.sampler import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    req_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_context: int
+    output_ids: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    in_flight: bool = False
+    announced: bool = False
+    abort_requested: bool = False
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    micro_batches: int = 1
+    max_batch_tokens: int = 2048
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batches", "max_batch_tokens", "max_running_requests", "chunked_prefill_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduledBatch:
+    message: StepMessage
+    requests: list[Request]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: SlotAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._step_id = 0
+        self._preempted: list[int] = []
+        self._finished: list[int] = []
+        self.num_preemptions = 0
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Ends a request that is not in flight and returns its slots."""
+        assert not request.in_flight, "a request in flight finishes when its step completes"
+        if request.status is Status.FINISHED:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.allocator.free(request.slots)
+        request.slots = []
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        if request.announced:
+            self._finished.append(request.req_id)
+
+    def pending_release(self) -> bool:
+        return bool(self._preempted or self._finished)
+
+    # -- one micro-batch -------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        """The next micro-batch, or None if no request can make progress right now."""
+        cfg = self.config
+        limit = max(1, math.ceil(self.num_unfinished / cfg.micro_batches))
+        budget = cfg.max_batch_tokens
+        chosen: list[tuple[Request, list[int]]] = []
+
+        for request in sorted(self.running, key=lambda r: r.req_id):
+            if len(chosen) >= limit or budget <= 0:
+                break
+            if request.in_flight or request.status is not Status.RUNNING:
+                continue  # in flight already, or preempted a moment ago to make room
+            n = min(request.num_tokens - request.num_computed, cfg.chunked_prefill_size, budget)
+            if not self._make_room(n, keep={request, *(r for r, _ in chosen)}):
+                continue
+            chosen.append((request, self.allocator.allocate(n)))
+            budget -= n
+
+        for request in list(self.waiting):
+            if request.req_id in self._preempted:
+                continue  # just gave its slots up; readmitting it now would only thrash
+            if len(chosen) >= limit or budget <= 0 or len(self.running) >= cfg.max_running_requests:
+                break
+            n = min(request.num_tokens, cfg.chunked_prefill_size, budget)
+            if n > self.allocator.num_free:
+                break  # first come, first served: later arrivals do not overtake
+            self.waiting.remove(request)
+            self.running.append(request)
+            request.status = Status.RUNNING
+            chosen.append((request, self.allocator.allocate(n)))
+            budget -= n
+
+        if not chosen:
+            return None
+        return self._build(chosen)
+
+    def _make_room(self, n: int, keep: set[Request]) -> bool:
+        """Frees slots by preempting the youngest idle running requests until n are free."""
+        while self.allocator.num_free < n:
+            victims = [r for r in self.running if not r.in_flight and r not in keep]
+            if not victims:
+                return False
+            self._preempt(max(victims, key=lambda r: r.req_id))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.allocator.free(request.slots)
+        request.slots = []
+        request.num_computed = 0
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._preempted.append(request.req_id)
+        self.waiting.append(request)
+        self.waiting.sort(key=lambda r: r.req_id)
+
+    def _build(self, chosen: list[tuple[Request, list[int]]]) -> ScheduledBatch:
+        seqs, new_requests = [], []
+        for request, new_slots in chosen:
+            request.slots.extend(new_slots)
+            request.num_computed += len(new_slots)
+            request.in_flight = True
+            if not request.announced:
+                new_requests.append(NewRequest(request.req_id, request.params, request.seed))
+                request.announced = True
+            sample = request.num_computed == request.num_tokens
+            seqs.append(SeqStep(request.req_id, request.num_computed, tuple(new_slots), sample))
+        message = StepMessage(
+            step_id=self._step_id,
+            seqs=tuple(seqs),
+            new_requests=tuple(new_requests),
+            preempted=tuple(self._preempted),
+            finished=tuple(self._finished),
+        )
+        self._step_id += 1
+        self._preempted, self._finished = [], []
+        return ScheduledBatch(message, [r for r, _ in chosen])
+
+    def release_message(self) -> StepMessage:
+        """A message with no sequences, to pass pending releases on (used before shutdown)."""
+        message = StepMessage(step_id=self._step_id, preempted=tuple(self._preempted), finished=tuple(self._finished))
+        self._step_id += 1
+        self._preempted, self._finished = [], []
+        return message
+
+    def complete(self, batch: ScheduledBatch, sampled: Iterable[int]) -> list[tuple[Request, int | None]]:
+        """Applies a finished step: each request that sampled gets its token.
+
+        Returns (request, token or None) for every request of the batch; the engine decides
+        whether a token ends its request.
+        """
+        tokens = iter(sampled)
+        results = []
+        for request, seq in zip(batch.requests, batch.message.seqs):
+            request.in_flight = False
+            token = next(tokens) if seq.sample else None
+            results.append((request, token))
+        return results

@@ -1,0 +1,281 @@
+"""A pipeline stage: builds and loads only its own layers, holds its KV pool, runs its steps.
+
+Rank 0 drives its stage from the engine thread; every other rank runs `worker_loop`: receive a
+step (message + hidden states) from the previous rank, run the local layers, pass the result
+on, and on the last stage sample and send the token ids back to rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipesplit.planner.plan import StagePlan, stage_kv_tokens
+from pipesplit.runtime.kv_cache import allocate_pools, kv_bytes_per_token_per_layer
+from pipesplit.runtime.messages import RunConfig, StageReport, StepMessage, decode, encode
+from pipesplit.runtime.sampler import RequestSampler, new_request_sampler, sample_tokens
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -- transport ---------------------------------------------------------------------------------
+@dataclass
+class Link:
+    """Point-to-point transport between ranks; tensors go as tensors, messages as bytes."""
+
+    device: torch.device
+
+    def send_step(self, message: StepMessage, hidden: torch.Tensor | None, timings: torch.Tensor, dst: int) -> list:
+        payload = torch.frombuffer(bytearray(encode(message)), dtype=torch.uint8).to(self.device)
+        header = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
+        tensors = [header, payload, timings.to(self.device)]
+        if hidden is not None and hidden.numel():
+            tensors.append(hidden.contiguous())
+        return [(dist.isend(t, dst), t) for t in tensors]
+
+    def recv_step(self, src: int, hidden_size: int, dtype: torch.dtype, num_stages: int):
+        header = torch.empty(1, dtype=torch.int64, device=self.device)
+        dist.recv(header, src)
+        payload = torch.empty(int(header.item()), dtype=torch.uint8, device=self.device)
+        dist.recv(payload, src)
+        message: StepMessage = decode(payload.cpu().numpy().tobytes())
+        timings = torch.empty(num_stages, dtype=torch.float64, device=self.device)
+        dist.recv(timings, src)
+        hidden = None
+        if message.num_tokens and not message.shutdown:
+            hidden = torch.empty(message.num_tokens, hidden_size, dtype=dtype, device=self.device)
+            dist.recv(hidden, src)
+        return message, hidden, timings
+
+
+def broadcast_bytes(data: bytes | None, device: torch.device) -> bytes:
+    """Rank 0's bytes on every rank (start-up configuration)."""
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64, device=device)
+    dist.broadcast(size, 0)
+    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    if data is not None:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, 0)
+    return buf.cpu().numpy().tobytes()
+
+
+# -- the stage ---------------------------------------------------------------------------------
+class Stage:
+    """One stage's model slice, KV pool and view of the requests' slots."""
+
+    def __init__(self, config: RunConfig, rank: int, device: torch.device) -> None:
+        from pipesplit.runtime.loader import load_stage, resolve_model
+        from pipesplit.runtime.models import kv_cache_shapes
+
+        self.config = config
+        self.rank = rank
+        self.device = device
+        self.num_stages = len(config.plan.stages)
+        self.plan: StagePlan = config.plan.stages[rank]
+        self.is_first = rank == 0
+        self.is_last = rank == self.num_stages - 1
+        self.dtype = DTYPES[config.dtype]
+
+        started = time.perf_counter()
+        source = resolve_model(config.model)
+        self.spec = source.spec
+        start, end = self.plan.layers
+        self.model = load_stage(
+            source, self.spec, (start, end), self.plan.embedding, self.plan.lm_head, self.dtype, device,
+            mtp=self.plan.mtp,
+        )
+        self.model.eval()
+        self.load_seconds = time.perf_counter() - started
+        self.param_bytes = live_weight_bytes(self.model)
+
+        self.kv_shapes = kv_cache_shapes(self.spec)
+        self.kv_bytes = kv_bytes_per_token_per_layer(self.kv_shapes, self.dtype.itemsize)
+        self.budget_bytes = self._budget()
+        self.kv_tokens = stage_kv_tokens(self.budget_bytes, self.param_bytes, end - start, self.kv_bytes)
+        self.kv_cache: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.slots: dict[int, list[int]] = {}
+        self.samplers: dict[int, RequestSampler] = {}
+
+    def _budget(self) -> int:
+        """Bytes this stage may use for weights plus KV."""
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Like SGLang/vLLM: the share of the device not granted to us stays unused.
+            return int(free - total * (1 - self.config.mem_fraction)) + self.param_bytes
+        return self.config.budgets[self.rank]
+
+    def report(self) -> StageReport:
+        return StageReport(self.rank, self.param_bytes, self.kv_tokens, self.load_seconds, self.budget_bytes)
+
+    def allocate(self, num_slots: int) -> None:
+        start, end = self.plan.layers
+        self.kv_cache = allocate_pools(range(start, end), self.kv_shapes, num_slots, self.dtype, self.device)
+
+    # -- one step ------------------------------------------------------------------------------
+    def apply(self, message: StepMessage):
+        """Updates this stage's view of the requests and returns the step's AttentionBatch."""
+        from pipesplit.runtime.models.layers import AttentionBatch
+
+        for req_id in message.preempted:
+            self.slots.pop(req_id, None)
+        for req_id in message.finished:
+            self.slots.pop(req_id, None)
+            self.samplers.pop(req_id, None)
+        if self.is_last:
+            for new in message.new_requests:
+                self.samplers[new.req_id] = new_request_sampler(new.params, new.seed)
+        seqs = []
+        for seq in message.seqs:
+            slots = self.slots.setdefault(seq.req_id, [])
+            slots.extend(seq.new_slots)
+            if len(slots) != seq.context_len:
+                raise RuntimeError(
+                    f"stage {self.rank}: request {seq.req_id} has {len(slots)} slots, step says {seq.context_len}"
+                )
+            seqs.append((slots, len(seq.new_slots), seq.sample))
+        return AttentionBatch.for_sequences(seqs, self.device)
+
+    @torch.inference_mode()
+    def forward(self, message: StepMessage, inputs: torch.Tensor) -> torch.Tensor:
+        batch = self.apply(message)
+        return self.model(inputs, batch, self.kv_cache)
+
+    @torch.inference_mode()
+    def sample(self, message: StepMessage, logits: torch.Tensor) -> torch.Tensor:
+        samplers = [self.samplers[s.req_id] for s in message.seqs if s.sample]
+        return sample_tokens(logits.float().cpu(), samplers)
+
+
+def live_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of what the stage holds as weights: parameters and persistent buffers (a router's
+    score-correction bias is one), each storage counted once (a tied head shares the embedding)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def agree_capacity(stage: Stage) -> tuple[int, list[StageReport]]:
+    """All stages exchange their reports; the token capacity is the minimum over stages."""
+    mine = stage.report()
+    row = torch.tensor(
+        [mine.stage, mine.param_bytes, mine.kv_tokens, int(mine.load_seconds * 1e6), mine.budget_bytes],
+        dtype=torch.int64,
+        device=stage.device,
+    )
+    rows = [torch.empty_like(row) for _ in range(stage.num_stages)]
+    dist.all_gather(rows, row)
+    reports = [StageReport(int(r[0]), int(r[1]), int(r[2]), int(r[3]) / 1e6, int(r[4])) for r in (x.cpu() for x in rows)]
+    return min(r.kv_tokens for r in reports), reports
+
+
+# -- process set-up -------------------------------------------------------------------------------
+def init_distributed(device: str, init_method: str | None = None, rank: int = 0, world: int = 1) -> tuple[int, torch.device]:
+    """Joins the process group: at `init_method` as rank 0 of `world` (the spawning process), or
+    as described by the torchrun-style environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    if init_method is None:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        init_method = "env://"
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if init_method == "env://" else 0
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world, device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    return rank, dev
+
+
+def start_stage(
+    config_bytes: bytes | None, device_hint: str, init_method: str | None = None, world: int = 1
+) -> tuple[Stage, int, list[StageReport], Link]:
+    """Common start-up of every rank: config from rank 0, build, load, agree on capacity."""
+    rank, device = init_distributed(device_hint, init_method, 0, world)
+    config: RunConfig = decode(broadcast_bytes(config_bytes, device))
+    torch.set_num_threads(max(1, config.threads))
+    stage = Stage(config, rank, device)
+    capacity, reports = agree_capacity(stage)
+    if capacity < 1:
+        worst = min(reports, key=lambda r: r.kv_tokens)
+        raise MemoryError(
+            f"stage {worst.stage} has no room for the KV cache: its weights take {worst.param_bytes / 2**30:.2f} GiB "
+            f"of a {worst.budget_bytes / 2**30:.2f} GiB budget; raise --mem-budget/--mem-fraction or add stages"
+        )
+    stage.allocate(capacity)
+    return stage, capacity, reports, Link(device)
+
+
+def worker_loop(stage: Stage, link: Link) -> None:
+    """Ranks 1..P-1: receive, compute, forward (or sample and reply), until shutdown."""
+    hidden_size = stage.spec.hidden_size
+    while True:
+        message, hidden, timings = link.recv_step(stage.rank - 1, hidden_size, stage.dtype, stage.num_stages)
+        if message.shutdown:
+            if not stage.is_last:
+                for work, _ in link.send_step(message, None, timings, stage.rank + 1):
+                    work.wait()
+            return
+        started = time.perf_counter()
+        out = stage.forward(message, hidden) if message.seqs else None
+        if stage.is_last:
+            tokens = stage.sample(message, out) if message.num_samples else torch.empty(0, dtype=torch.long)
+            timings[stage.rank] = time.perf_counter() - started
+            if message.seqs:
+                reply = torch.cat([tokens.to(torch.float64), timings.cpu()]).to(link.device)
+                dist.send(reply, 0)
+        else:
+            timings[stage.rank] = time.perf_counter() - started
+            for work, _ in link.send_step(message, out, timings, stage.rank + 1):
+                work.wait()
+
+
+def _exit_when_orphaned() -> None:
+    """A spawned stage must not outlive the process that started it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="orphan-watch").start()
+
+
+def worker_main(device: str = "cpu") -> int:
+    """Entry point of a stage process with rank >= 1 (spawned, or started by torchrun)."""
+    if os.environ.get("PIPESPLIT_SPAWNED") == "1":
+        _exit_when_orphaned()
+    rank = os.environ.get("RANK", "?")
+    try:
+        stage, _, _, link = start_stage(None, device)
+        worker_loop(stage, link)
+        dist.destroy_process_group()
+        return 0
+    except Exception as exc:  # noqa: BLE001 -- reported to the user with the stage named
+        from pipesplit.errors import UserError
+
+        peer_lost = isinstance(exc, RuntimeError) and "Connection closed by peer" in str(exc)
+        if peer_lost:
+            print(f"pipesplit: stage {rank} stopped: another stage closed its connection", file=sys.stderr, flush=True)
+            return 1
+        if not isinstance(exc, (UserError, MemoryError)):
+            traceback.print_exc()
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"pipesplit: stage {rank} failed: {type(exc).__name__}: {first_line}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main(sys.argv[1] if len(sys.argv) > 1 else "cpu"))

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: `protocol` (wire format) and `app` (routes, process)."""
