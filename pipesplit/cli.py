@@ -45,6 +45,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running-requests", type=int, default=256, help="requests decoding at once")
     p.add_argument("--chunked-prefill-size", type=int, default=512, help="longest prefill chunk of one request per step")
     p.add_argument("--threads", type=int, default=None, help="torch threads per stage (CPU)")
+    p.add_argument("--disable-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse the KV of shared prompt prefixes (on by default)")
     p.add_argument("--nnodes", type=int, default=None, help=argparse.SUPPRESS)
 
 

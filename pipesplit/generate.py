@@ -31,6 +31,7 @@ ENGINE_OPTIONS = {
     "mem_budget_gib": "mem_budget", "mem_fraction": "mem_fraction", "micro_batches": "micro_batches",
     "max_batch_tokens": "max_batch_tokens", "max_running_requests": "max_running_requests",
     "chunked_prefill_size": "chunked_prefill_size", "threads": "threads", "mtp": "mtp",
+    "enable_prefix_caching": "prefix_cache",
 }
 
 
@@ -88,7 +89,7 @@ def _report(llm, prompts, outputs) -> dict:
         "max_total_num_tokens": llm.max_total_num_tokens,
         "outputs": [
             {"prompt": p if isinstance(p, str) else list(p), "token_ids": list(o.token_ids), "text": o.text,
-             "finish_reason": o.finish_reason}
+             "finish_reason": o.finish_reason, "cached_tokens": o.num_cached_tokens}
             for p, o in zip(prompts, outputs)
         ],
         "stages": stages,

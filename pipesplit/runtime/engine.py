@@ -46,6 +46,7 @@ class RequestOutput:
     delta_text: str
     finished: bool
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 @dataclass
@@ -56,6 +57,8 @@ class EngineStats:
     prompt_tokens: int = 0
     finished_requests: int = 0
     preemptions: int = 0
+    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0  # of those, found there
     stage_step_seconds: list[float] = field(default_factory=list)
 
 
@@ -182,6 +185,7 @@ class Engine:
         import torch
 
         from pipesplit.runtime.kv_cache import SlotAllocator
+        from pipesplit.runtime.prefix_cache import PrefixCache
         from pipesplit.runtime.stage import start_stage
 
         self._torch = torch
@@ -189,7 +193,8 @@ class Engine:
             encode(self.config), self.config.device, init_method=self._init_method, world=self.num_stages
         )
         self.allocator = SlotAllocator(self.capacity)
-        self.scheduler = Scheduler(self.scheduler_config, self.allocator)
+        cache = PrefixCache() if self.scheduler_config.prefix_caching else None
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator, cache)
         self.max_context = min(self.stage.spec.max_position_embeddings, self.capacity)
         self._inflight: collections.deque[_InFlight] = collections.deque()
         self._thread = threading.Thread(target=self._run, daemon=True, name="pipesplit-engine")
@@ -246,8 +251,10 @@ class Engine:
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
-            "kv_tokens_used": self.allocator.num_used,
-            "kv_tokens_free": self.allocator.num_free,
+            # As SGLang counts them: cached tokens no request reads are free (evictable on demand).
+            "kv_tokens_used": self.allocator.num_used - self.scheduler.evictable_tokens,
+            "kv_tokens_free": self.allocator.num_free + self.scheduler.evictable_tokens,
+            "kv_tokens_cached": self.scheduler.cached_tokens,
         }
 
     # -- the engine thread -----------------------------------------------------------------------
@@ -354,6 +361,8 @@ class Engine:
             else:
                 self._finish(tracked, reason)
         self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.prefix_cache_queried_tokens = self.scheduler.cache_stats.queried_tokens
+        self.stats.prefix_cache_hit_tokens = self.scheduler.cache_stats.hit_tokens
 
     def _stop_reason(self, request: Request, token: int) -> str | None:
         params = request.params
@@ -402,6 +411,7 @@ class Engine:
             delta_text=text[len(tracked.sent_text) :],
             finished=final_reason is not None,
             finish_reason=final_reason,
+            num_cached_tokens=request.num_cached_tokens or 0,
         )
         tracked.sent_text, tracked.sent_tokens = text, len(request.output_ids)
         tracked.on_output(output)
@@ -467,6 +477,7 @@ class LLM:
         chunked_prefill_size: int = 512,
         threads: int | None = None,
         mtp: bool = False,
+        enable_prefix_caching: bool = True,
         log: bool = True,
     ) -> None:
         from pipesplit.runtime.loader import resolve_model
@@ -499,6 +510,7 @@ class LLM:
             max_batch_tokens=max_batch_tokens,
             max_running_requests=max_running_requests,
             chunked_prefill_size=chunked_prefill_size,
+            prefix_caching=enable_prefix_caching,
         )
         self._closed = True
         self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
@@ -560,7 +572,7 @@ class LLM:
         lines = [
             f"pipesplit: {self.spec.name} on {len(self.stage_reports)} stage(s), partition "
             f"{','.join(map(str, self.plan.partition))}: max_total_num_tokens {self.max_total_num_tokens} "
-            f"(binding stage {binding.stage})"
+            f"(binding stage {binding.stage}), prefix cache {'on' if self.engine.scheduler_config.prefix_caching else 'off'}"
         ]
         for plan_stage, r in zip(self.plan.stages, self.stage_reports):
             start, end = plan_stage.layers

@@ -29,12 +29,17 @@ class NewRequest:
 
 @dataclass(frozen=True)
 class SeqStep:
-    """One sequence's share of a micro-batch: `new_slots` hold the K/V of its new tokens."""
+    """One sequence's share of a micro-batch: `new_slots` hold the K/V of its new tokens.
+
+    `cached_slots`, on a request's first step after (re)admission, are the slots of its cached
+    prefix: its context starts with them.
+    """
 
     req_id: int
     context_len: int
     new_slots: tuple[int, ...]
     sample: bool
+    cached_slots: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,16 @@ waiting ones while the token budget, the request limit and free KV slots allow. 
 prefilled in chunks. With M micro-batches in flight, one batch takes at most 1/M of the live
 requests, so the pipeline's stages each have a different micro-batch to work on.
 
-When a running request needs slots and the pool is full, the youngest running request that is
-not in flight is preempted: its slots go back to the pool and it waits to be recomputed from its
-prompt plus what it has generated. Nothing is over-committed and no request is lost.
+With the prefix cache (`prefix_cache.PrefixCache`, on by default), a request admitted with a
+cached prefix reads those slots and computes only the rest (always at least its last token, whose
+logits are sampled); every completed step's tokens are cached. A request's context slots are then
+the cached ones it locked plus the ones it owns; it frees only what it owns.
+
+When a running request needs slots and the pool is full, unreferenced cached tokens are evicted
+first (least recently used), then the youngest running request that is not in flight is
+preempted: its own slots go back to the pool and it waits to be recomputed from its prompt plus
+what it has generated (mostly from the cache, when its tokens are still there). Nothing is
+over-committed and no request is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from enum import Enum
 
 from pipesplit.runtime.kv_cache import SlotAllocator
 from pipesplit.runtime.messages import NewRequest, SeqStep, StepMessage
+from pipesplit.runtime.prefix_cache import Node, PrefixCache
 from pipesplit.runtime.sampler import SamplingParams
 
 
@@ -37,7 +45,11 @@ class Request:
     seed: int
     max_context: int
     output_ids: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # its context's slots, in order
+    owned: set[int] = field(default_factory=set)  # those it must free (the rest belong to the cache)
+    cache_node: Node | None = None  # the deepest cache node it reads (locked)
+    num_cached_tokens: int | None = None  # prompt tokens found in the cache at its first admission
+    unsent_prefix: tuple[int, ...] = ()  # cached slots the stages have not been told of yet
     num_computed: int = 0
     status: Status = Status.WAITING
     in_flight: bool = False
@@ -61,6 +73,7 @@ class SchedulerConfig:
     max_batch_tokens: int = 2048
     max_running_requests: int = 256
     chunked_prefill_size: int = 512
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("micro_batches", "max_batch_tokens", "max_running_requests", "chunked_prefill_size"):
@@ -74,10 +87,20 @@ class ScheduledBatch:
     requests: list[Request]
 
 
+@dataclass
+class CacheStats:
+    """Prompt tokens looked up in the prefix cache at first admission, and how many were found."""
+
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: SlotAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, allocator: SlotAllocator, cache: PrefixCache | None = None) -> None:
         self.config = config
         self.allocator = allocator
+        self.cache = cache
+        self.cache_stats = CacheStats()
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._step_id = 0
@@ -102,8 +125,7 @@ class Scheduler:
             self.running.remove(request)
         if request in self.waiting:
             self.waiting.remove(request)
-        self.allocator.free(request.slots)
-        request.slots = []
+        self._release(request)
         request.status = Status.FINISHED
         request.finish_reason = reason
         if request.announced:
@@ -136,9 +158,17 @@ class Scheduler:
                 continue  # just gave its slots up; readmitting it now would only thrash
             if len(chosen) >= limit or budget <= 0 or len(self.running) >= cfg.max_running_requests:
                 break
-            n = min(request.num_tokens, cfg.chunked_prefill_size, budget)
-            if n > self.allocator.num_free:
+            cached = self._lock_cached_prefix(request)
+            n = min(request.num_tokens - cached, cfg.chunked_prefill_size, budget)
+            if n > self.allocator.num_free + self.evictable_tokens:
+                self._release(request)
+                request.num_computed = 0
                 break  # first come, first served: later arrivals do not overtake
+            self._evict(n)
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = cached
+                self.cache_stats.queried_tokens += len(request.prompt_ids)
+                self.cache_stats.hit_tokens += cached
             self.waiting.remove(request)
             self.running.append(request)
             request.status = Status.RUNNING
@@ -150,8 +180,11 @@ class Scheduler:
         return self._build(chosen)
 
     def _make_room(self, n: int, keep: set[Request]) -> bool:
-        """Frees slots by preempting the youngest idle running requests until n are free."""
+        """Frees slots until n are free: unreferenced cached tokens first, then by preempting the
+        youngest idle running requests."""
         while self.allocator.num_free < n:
+            if self._evict(n):
+                continue
             victims = [r for r in self.running if not r.in_flight and r not in keep]
             if not victims:
                 return False
@@ -160,8 +193,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.allocator.free(request.slots)
-        request.slots = []
+        self._release(request)
         request.num_computed = 0
         request.status = Status.WAITING
         request.num_preemptions += 1
@@ -170,17 +202,68 @@ class Scheduler:
         self.waiting.append(request)
         self.waiting.sort(key=lambda r: r.req_id)
 
+    # -- the prefix cache ------------------------------------------------------------------------
+    def _lock_cached_prefix(self, request: Request) -> int:
+        """Points a request about to be admitted at its longest cached prefix; returns its length.
+
+        The last token is always computed: its logits are what the request samples from.
+        """
+        if self.cache is None:
+            return 0
+        node, slots = self.cache.match(request.all_ids[: request.num_tokens - 1])
+        self.cache.lock(node)
+        request.cache_node, request.slots, request.num_computed = node, slots, len(slots)
+        request.unsent_prefix = tuple(slots)
+        return len(slots)
+
+    def _cache_computed(self, request: Request) -> None:
+        """Caches a request's computed tokens (after its step completed on every stage)."""
+        if self.cache is None or request.status is not Status.RUNNING:
+            return
+        node, taken = self.cache.insert(request.all_ids[: request.num_computed], request.slots)
+        request.owned.difference_update(taken)
+        self.cache.lock(node)
+        self.cache.unlock(request.cache_node)
+        request.cache_node = node
+
+    def _release(self, request: Request) -> None:
+        """Frees the slots a request owns and unlocks the cached ones it read."""
+        self.allocator.free(request.owned)
+        if request.cache_node is not None:
+            self.cache.unlock(request.cache_node)
+        request.slots, request.owned, request.cache_node = [], set(), None
+
+    @property
+    def evictable_tokens(self) -> int:
+        """Cached tokens no request reads: free on demand."""
+        return self.cache.evictable_tokens if self.cache is not None else 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cache.cached_tokens if self.cache is not None else 0
+
+    def _evict(self, n: int) -> int:
+        """Evicts cached tokens until n slots are free; returns how many slots it freed."""
+        short = n - self.allocator.num_free
+        if self.cache is None or short <= 0:
+            return 0
+        freed = self.cache.evict(short)
+        self.allocator.free(freed)
+        return len(freed)
+
     def _build(self, chosen: list[tuple[Request, list[int]]]) -> ScheduledBatch:
         seqs, new_requests = [], []
         for request, new_slots in chosen:
+            cached_slots, request.unsent_prefix = request.unsent_prefix, ()
             request.slots.extend(new_slots)
+            request.owned.update(new_slots)
             request.num_computed += len(new_slots)
             request.in_flight = True
             if not request.announced:
                 new_requests.append(NewRequest(request.req_id, request.params, request.seed))
                 request.announced = True
             sample = request.num_computed == request.num_tokens
-            seqs.append(SeqStep(request.req_id, request.num_computed, tuple(new_slots), sample))
+            seqs.append(SeqStep(request.req_id, request.num_computed, tuple(new_slots), sample, cached_slots))
         message = StepMessage(
             step_id=self._step_id,
             seqs=tuple(seqs),
@@ -209,6 +292,7 @@ class Scheduler:
         results = []
         for request, seq in zip(batch.requests, batch.message.seqs):
             request.in_flight = False
+            self._cache_computed(request)
             token = next(tokens) if seq.sample else None
             results.append((request, token))
         return results

@@ -133,6 +133,8 @@ class Stage:
                 self.samplers[new.req_id] = new_request_sampler(new.params, new.seed)
         seqs = []
         for seq in message.seqs:
+            if seq.cached_slots:
+                self.slots[seq.req_id] = list(seq.cached_slots)
             slots = self.slots.setdefault(seq.req_id, [])
             slots.extend(seq.new_slots)
             if len(slots) != seq.context_len:

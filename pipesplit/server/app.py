@@ -214,7 +214,8 @@ class OpenAIServer:
         final = await self._final_unless_disconnected(job, request)
         if final is None:  # the client left; nobody reads this
             return JSONResponse({}, status_code=499)
-        return render.full(final.text, final.finish_reason, usage_body(len(prompt_ids), len(final.token_ids)))
+        usage = usage_body(len(prompt_ids), len(final.token_ids), final.num_cached_tokens)
+        return render.full(final.text, final.finish_reason, usage)
 
     async def _final_unless_disconnected(self, job: _Job, request):
         collect = asyncio.ensure_future(job.final())
@@ -240,7 +241,8 @@ class OpenAIServer:
                 if output.delta_text or output.finished:
                     yield sse(render.chunk(output.delta_text, output.finish_reason, include_usage))
             if include_usage and output is not None:
-                yield sse(render.usage_chunk(usage_body(len(job.prompt_ids), len(output.token_ids))))
+                usage = usage_body(len(job.prompt_ids), len(output.token_ids), output.num_cached_tokens)
+                yield sse(render.usage_chunk(usage))
         except EngineGone as exc:
             yield sse(engine_unavailable(f"the engine died: {exc}").body())
         yield sse("[DONE]")
@@ -262,8 +264,10 @@ class OpenAIServer:
 
         metric("pipesplit_requests_running", "gauge", "Requests being decoded.", [("", usage["running"])])
         metric("pipesplit_requests_waiting", "gauge", "Requests waiting to be scheduled.", [("", usage["waiting"])])
-        metric("pipesplit_kv_tokens_used", "gauge", "KV cache token slots in use.", [("", usage["kv_tokens_used"])])
-        metric("pipesplit_kv_tokens_free", "gauge", "KV cache token slots free.", [("", usage["kv_tokens_free"])])
+        metric("pipesplit_kv_tokens_used", "gauge", "KV cache token slots read by requests.",
+               [("", usage["kv_tokens_used"])])
+        metric("pipesplit_kv_tokens_free", "gauge", "KV cache token slots free (cached tokens no request reads included).",
+               [("", usage["kv_tokens_free"])])
         metric("pipesplit_kv_tokens_total", "gauge", "KV cache token slots (max_total_num_tokens).",
                [("", self.llm.max_total_num_tokens)])
         metric("pipesplit_generation_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)])
@@ -272,6 +276,12 @@ class OpenAIServer:
                [("", stats.finished_requests)])
         metric("pipesplit_preemptions_total", "counter", "Requests preempted to free KV slots.",
                [("", stats.preemptions)])
+        metric("pipesplit_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+               [("", stats.prefix_cache_queried_tokens)])
+        metric("pipesplit_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+               [("", stats.prefix_cache_hit_tokens)])
+        metric("pipesplit_kv_tokens_cached", "gauge", "KV token slots held by the prefix cache (part of the pool).",
+               [("", usage["kv_tokens_cached"])])
         metric("pipesplit_stage_step_seconds", "gauge", "Seconds per micro-batch step of each stage (moving average).",
                [(f'{{stage="{i}"}}', s) for i, s in enumerate(stats.stage_step_seconds)])
         return "\n".join(lines) + "\n"

@@ -151,8 +151,9 @@ def reference(server_process):
         plain = llm.generate(COMPLETION_PROMPTS, params)
         chat = llm.generate(CHAT_PROMPTS, params, chat=True)
         encoded = {p: llm.tokenizer.encode(p) for p in COMPLETION_PROMPTS}
+        encoded_system = llm.tokenizer.encode(SYSTEM_PROMPT)
     return {"completion": dict(zip(COMPLETION_PROMPTS, plain)), "chat": dict(zip(CHAT_PROMPTS, chat)),
-            "encoded": encoded}
+            "encoded": encoded, "encoded_system": encoded_system}
 
 
 @pytest.fixture
@@ -259,6 +260,46 @@ def test_seeded_sampling_repeats(client):
                   extra_body={"top_k": 50})
     first, second = (client.completions.create(**kwargs).choices[0].text for _ in range(2))
     assert first == second
+
+
+# -- prefix caching -----------------------------------------------------------------------------------------
+SYSTEM_PROMPT = ("You are a careful assistant for a railway company. Answer questions about timetables, "
+                 "tickets, refunds and accessibility. Be brief, polite and precise; when you do not know, say so. ") * 3
+
+
+def test_shared_prefix_is_reported_cached(client, reference):
+    tokens = len(reference["encoded_system"])
+    first = client.completions.create(model=MODEL, prompt=SYSTEM_PROMPT + "Q: When is the first train?",
+                                      max_tokens=2, temperature=0)
+    second = client.completions.create(model=MODEL, prompt=SYSTEM_PROMPT + "Q: Can I bring a bike?",
+                                       max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens > tokens
+    assert second.usage.prompt_tokens_details.cached_tokens >= tokens - 1
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
+def test_second_chat_turn_reads_the_first_from_the_cache(client):
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Is there wifi?"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And power sockets?"}]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_metrics_count_prefix_cache_hits(client, http, reference):
+    before = metrics(http)
+    client.completions.create(model=MODEL, prompt=SYSTEM_PROMPT + "Q: Are dogs allowed?", max_tokens=1,
+                              temperature=0)
+    after = metrics(http)
+    looked_up = after["pipesplit_prefix_cache_queries_total"] - before["pipesplit_prefix_cache_queries_total"]
+    hit = after["pipesplit_prefix_cache_hits_total"] - before["pipesplit_prefix_cache_hits_total"]
+    assert looked_up > len(reference["encoded_system"]) and len(reference["encoded_system"]) - 1 <= hit < looked_up
+    assert after["pipesplit_kv_tokens_cached"] > 0
+    assert after["pipesplit_kv_tokens_total"] == before["pipesplit_kv_tokens_total"]  # the cache is part of the pool
 
 
 def test_models_health_metrics(client, http):
