@@ -63,10 +63,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # -- the server ------------------------------------------------------------------------------------------
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "pipesplit", "serve", args.model, "--pp", str(args.pp), "--host", "127.0.0.1",
-           "--port", "0", "--mem-budget", str(args.mem_budget)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def start_server(cmd: list[str], env: dict[str, str], start_timeout: float) -> tuple[subprocess.Popen, str]:
+    """Starts `pipesplit serve ... --port 0` and returns it with the URL its ready line names."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     found: list[str] = []
 
@@ -77,13 +76,18 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
                 found.append(match.group(1))
 
     threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + args.start_timeout
+    deadline = time.monotonic() + start_timeout
     while not found:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise SystemExit(f"bench: the server did not start (exit code {proc.poll()})")
         time.sleep(0.1)
     return proc, found[0]
+
+
+def pipesplit_command(args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "pipesplit", "serve", args.model, "--pp", str(args.pp), "--host", "127.0.0.1",
+            "--port", "0", "--mem-budget", str(args.mem_budget)]
 
 
 def stop_server(proc: subprocess.Popen) -> int:
@@ -96,7 +100,7 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 # -- the load ----------------------------------------------------------------------------------------------
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str | list[int], max_tokens: int) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
@@ -179,7 +183,7 @@ def main() -> int:
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    proc, url = start_server(args)
+    proc, url = start_server(pipesplit_command(args), {}, args.start_timeout)
     try:
         asyncio.run(run_level(url, args.model, 1, 1, 4))  # warm-up: first-call costs stay out of the numbers
         results = []

@@ -66,15 +66,19 @@ class PrefixCache:
         return node, slots
 
     # -- insertion -----------------------------------------------------------------------------
-    def insert(self, tokens: Sequence[int], slots: Sequence[int]) -> tuple[Node, list[int]]:
+    def insert(
+        self, tokens: Sequence[int], slots: Sequence[int], start: Node | None = None, depth: int = 0
+    ) -> tuple[Node, list[int]]:
         """Caches `tokens` (whose K/V sit in `slots`, one each) below what is cached already.
 
-        Returns the node where the sequence ends and the slots the tree took over: those of the
-        tokens it did not hold yet. Slots of tokens it held already stay with the caller.
+        `start` (a node whose path is tokens[:depth], locked by the caller) skips the walk down
+        to it: a request that grows only inserts its new tokens. Returns the node where the
+        sequence ends and the slots the tree took over: those of the tokens it did not hold yet.
+        Slots of tokens it held already stay with the caller.
         """
         if len(tokens) != len(slots):
             raise ValueError(f"{len(tokens)} tokens but {len(slots)} slots")
-        node, i = self.root, 0
+        node, i = start or self.root, depth if start is not None else 0
         now = next(self._clock)
         while i < len(tokens):
             child = node.children.get(tokens[i])

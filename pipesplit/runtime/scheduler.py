@@ -48,6 +48,7 @@ class Request:
     slots: list[int] = field(default_factory=list)  # its context's slots, in order
     owned: set[int] = field(default_factory=set)  # those it must free (the rest belong to the cache)
     cache_node: Node | None = None  # the deepest cache node it reads (locked)
+    cache_depth: int = 0  # tokens on the path to cache_node
     num_cached_tokens: int | None = None  # prompt tokens found in the cache at its first admission
     unsent_prefix: tuple[int, ...] = ()  # cached slots the stages have not been told of yet
     num_computed: int = 0
@@ -212,7 +213,8 @@ class Scheduler:
             return 0
         node, slots = self.cache.match(request.all_ids[: request.num_tokens - 1])
         self.cache.lock(node)
-        request.cache_node, request.slots, request.num_computed = node, slots, len(slots)
+        request.cache_node, request.cache_depth = node, len(slots)
+        request.slots, request.num_computed = slots, len(slots)
         request.unsent_prefix = tuple(slots)
         return len(slots)
 
@@ -220,18 +222,20 @@ class Scheduler:
         """Caches a request's computed tokens (after its step completed on every stage)."""
         if self.cache is None or request.status is not Status.RUNNING:
             return
-        node, taken = self.cache.insert(request.all_ids[: request.num_computed], request.slots)
+        computed = request.num_computed
+        node, taken = self.cache.insert(request.all_ids[:computed], request.slots, request.cache_node,
+                                        request.cache_depth)
         request.owned.difference_update(taken)
         self.cache.lock(node)
         self.cache.unlock(request.cache_node)
-        request.cache_node = node
+        request.cache_node, request.cache_depth = node, computed
 
     def _release(self, request: Request) -> None:
         """Frees the slots a request owns and unlocks the cached ones it read."""
         self.allocator.free(request.owned)
         if request.cache_node is not None:
             self.cache.unlock(request.cache_node)
-        request.slots, request.owned, request.cache_node = [], set(), None
+        request.slots, request.owned, request.cache_node, request.cache_depth = [], set(), None, 0
 
     @property
     def evictable_tokens(self) -> int:
