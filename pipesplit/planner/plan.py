@@ -59,7 +59,9 @@ class StagePlan:
     mtp: bool
     weight_bytes: int
     kv_tokens: int
-    overhead_bytes: int = 0  # what the engine spends besides weights and KV (budget - usable)
+    overhead_bytes: int = 0  # capacity the engine does not give to weights and KV (capacity - usable)
+    kv_bytes_per_token: int = 0  # KV bytes one token costs on this stage, as its engine allocates them
+    kv_bytes: int = 0  # the stage's KV pool at the pipeline's max_total_num_tokens
 
     @property
     def num_layers(self) -> int:
@@ -129,11 +131,9 @@ def _plan_for_order(
 ) -> Plan:
     if engine is None:
         usable = [usable_bytes(d.capacity_bytes, mem_fraction, reserve_gib) for d in devices]
-        overhead = [int(d.capacity_bytes * mem_fraction) - u for d, u in zip(devices, usable)]
         layout, fraction = {"target": target}, mem_fraction
     else:
-        stages = engine.overheads(tuple(devices), mem_fraction, reserve_gib)
-        usable, overhead = [o.usable for o in stages], [o.total for o in stages]
+        usable = [o.usable for o in engine.overheads(tuple(devices), mem_fraction, reserve_gib)]
         layout, fraction = engine.layout(), engine.fraction(tuple(devices), mem_fraction)
     target = layout.pop("target")
     problem = split_problem(cost, usable, target, stage_speeds(devices), **layout)
@@ -153,7 +153,9 @@ def _plan_for_order(
             mtp=s == last and cost.mtp_bytes > 0,
             weight_bytes=result.stage_weight_bytes[s],
             kv_tokens=result.stage_tokens[s],
-            overhead_bytes=overhead[s],
+            overhead_bytes=device.capacity_bytes - usable[s],
+            kv_bytes_per_token=-(-problem.stage_kv_cell(*layers) // 1),
+            kv_bytes=int(result.max_total_num_tokens * problem.stage_kv_cell(*layers)),
         )
         for s, (device, layers) in enumerate(zip(devices, stage_ranges(partition)))
     )

@@ -563,8 +563,12 @@ def _read_json(text: str, where: str) -> dict:
         raise UserError(f"{where} is not valid JSON: {e}") from None
 
 
-def load_spec(model: str) -> ModelSpec:
-    """ModelSpec from a config.json path, a folder holding config.json, or a built-in name."""
+def load_spec(model: str, allow_download: bool = True) -> ModelSpec:
+    """ModelSpec from a config.json path, a folder holding config.json, a built-in name or a Hub id.
+
+    A Hub id (`Qwen/Qwen3-32B`) reads config.json from the local Hugging Face cache, or downloads
+    that one file when allow_download and HF_HUB_OFFLINE is not set (see planner/hub.py).
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         config_path = path / "config.json"
@@ -578,7 +582,12 @@ def load_spec(model: str) -> ModelSpec:
     key = model.lower()
     if key in catalog:
         return spec_from_config(_read_json(catalog[key].read_text(), f"built-in {key}"), name=key)
+    from pipesplit.planner.hub import hub_config_path, is_hub_id
+
+    if is_hub_id(model):
+        config_path = hub_config_path(model, allow_download=allow_download)
+        return spec_from_config(_read_json(config_path.read_text(), f"{model} config.json"), name=model)
     raise UserError(
-        f"no model {model!r}: not a config.json, a folder holding one, or a built-in name "
-        f"({', '.join(sorted(catalog))})"
+        f"no model {model!r}: not a config.json, a folder holding one, a Hugging Face id (Org/Name) or a "
+        f"built-in name ({', '.join(sorted(catalog))})"
     )
