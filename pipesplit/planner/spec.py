@@ -29,6 +29,10 @@ FAMILIES = {
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
     "gpt_oss": "gpt_oss",
+    # planned, not run yet (the runtime's registry says so)
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "glm4_moe": "glm4_moe",
 }
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -41,6 +45,17 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "GptOssForCausalLM": "gpt_oss",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Glm4MoeForCausalLM": "glm4_moe",
+}
+MULTIMODAL_TEXT = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+"""Vision-language checkpoints planned as their text model (text_config; the vision tower is left out)."""
+GEMMA3_TEXT_DEFAULTS = {
+    # transformers models/gemma3/configuration_gemma3.py Gemma3TextConfig defaults: multimodal
+    # checkpoints (gemma-3-27b-it) omit these keys from their text_config
+    "vocab_size": 262208, "max_position_embeddings": 131072, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6,
+    "sliding_window_pattern": 6, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
 }
 
 
@@ -163,6 +178,7 @@ class ModelSpec:
     o_proj_bias: bool = False  # llama with attention_bias, gpt-oss
     mlp_bias: bool = False  # llama mlp_bias: biases on gate/up/down
     attention_sinks: bool = False  # gpt-oss: one learned sink logit per head
+    sandwich_norms: bool = False  # gemma: pre/post feed-forward norms beside the two usual ones
     mlp_kinds: tuple[str, ...] = ()  # per decoder layer: "dense" | "moe"; empty means all dense
     layer_types: tuple[str, ...] = ()  # per decoder layer: full_attention | sliding_attention
     sliding_window: int | None = None
@@ -365,6 +381,11 @@ def _layer_types_of(cfg: _Config, model_type: str, num_layers: int) -> tuple[tup
         types = tuple(given)
     elif model_type in ("mistral", "mixtral") and window:
         types = ("sliding_attention",) * num_layers
+    elif model_type == "gemma2":  # transformers Gemma2: even layers slide
+        types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers))
+    elif model_type == "gemma3_text":  # every sliding_window_pattern-th layer is global
+        pattern = cfg.positive("sliding_window_pattern", 6)
+        types = tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers))
     elif model_type.startswith("qwen") and window and cfg.config.get("use_sliding_window"):
         first = cfg.get("max_window_layers", int, num_layers)
         types = tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
@@ -447,10 +468,41 @@ def _deepseek(cfg: _Config, model_type: str, num_layers: int, num_mtp: int):
     return mla, moe, kinds, mtp_kinds
 
 
+def _glm4_moe(cfg: _Config, num_layers: int, num_mtp: int):
+    """GLM-4.5: dense layers before first_k_dense_replace, then routed + shared experts with a
+    sigmoid router and an e_score_correction_bias (transformers models/glm4_moe)."""
+    first_dense = cfg.get("first_k_dense_replace", int, 0)
+    width = cfg.positive("moe_intermediate_size")
+    n_shared = cfg.get("n_shared_experts", int, 0)
+    moe = MoESpec(
+        num_experts=cfg.positive("n_routed_experts"),
+        num_experts_per_tok=cfg.positive("num_experts_per_tok"),
+        intermediate_size=width,
+        num_shared_experts=n_shared,
+        shared_intermediate_size=n_shared * width,
+        norm_topk_prob=cfg.get("norm_topk_prob", bool, True),
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        n_group=cfg.positive("n_group", 1),
+        topk_group=cfg.positive("topk_group", 1),
+        routed_scaling_factor=cfg.get("routed_scaling_factor", float, 1.0),
+        score_correction_bias=True,
+    )
+    kinds = _moe_layers(num_layers, lambda i: i >= first_dense)
+    return moe, kinds, ("moe" if num_layers >= first_dense else "dense",) * num_mtp
+
+
 def spec_from_config(config: dict, name: str = "") -> ModelSpec:
     """Read a Hugging Face config.json dict into a validated ModelSpec."""
     if not isinstance(config, dict):
         raise UserError(f"a model config must be a JSON object, got {type(config).__name__}")
+    architectures = config.get("architectures") or []
+    if isinstance(architectures, list) and architectures and architectures[0] in MULTIMODAL_TEXT:
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise UserError(f"{architectures[0]} config.json lacks its 'text_config' object")
+        config = {**GEMMA3_TEXT_DEFAULTS, **text, "architectures": [MULTIMODAL_TEXT[architectures[0]]],
+                  "model_type": "gemma3_text", "_name_or_path": config.get("_name_or_path", "")}
     model_type, architecture = _model_type_of(config)
     cfg = _Config(config, model_type)
     hidden = cfg.positive("hidden_size")
@@ -459,13 +511,14 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
     if heads % kv_heads:
         raise UserError(f"config key 'num_key_value_heads' ({kv_heads}) must divide num_attention_heads ({heads})")
     num_layers = cfg.positive("num_hidden_layers")
-    num_mtp = cfg.get("num_nextn_predict_layers", int, 0) if model_type.startswith("deepseek") else 0
+    num_mtp = cfg.get("num_nextn_predict_layers", int, 0) if model_type.startswith(("deepseek", "glm4_moe")) else 0
     rope_theta, rope_scaling = _rope_of(cfg)
     layer_types, window = _layer_types_of(cfg, model_type, num_layers)
     bos = cfg.get("bos_token_id", (int, type(None)), None)
 
     attention_bias = cfg.get("attention_bias", bool, False)
-    o_proj_bias = attention_bias if model_type in ("llama", "qwen3", "qwen3_moe", "gpt_oss") else False
+    o_proj_bias = attention_bias if model_type in ("llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma2", "gemma3_text") \
+        else False
     if model_type in ("qwen2", "qwen2_moe"):
         attention_bias = cfg.get("qkv_bias", bool, True)
     elif model_type in ("mistral", "mixtral"):
@@ -504,6 +557,9 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
     elif model_type.startswith("deepseek"):
         mla, moe, mlp_kinds, mtp_kinds = _deepseek(cfg, model_type, num_layers, num_mtp)
         head_dim = mla.qk_head_dim
+    elif model_type == "glm4_moe":  # DeepSeek-V3's MoE and MTP layout with GQA attention (q/k/v biases)
+        moe, mlp_kinds, mtp_kinds = _glm4_moe(cfg, num_layers, num_mtp)
+        attention_bias = cfg.get("attention_bias", bool, False)
 
     return ModelSpec(
         name=name or str(config.get("_name_or_path") or model_type),
@@ -520,14 +576,16 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
         rms_norm_eps=cfg.get("rms_norm_eps", float, 1e-6),
         rope_theta=rope_theta,
         max_position_embeddings=cfg.positive("max_position_embeddings"),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", bool, False),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", bool, model_type.startswith("gemma")),
         attention_bias=attention_bias,
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") or (
+            model_type == "glm4_moe" and cfg.get("use_qk_norm", bool, False)),
         torch_dtype=_dtype_of(cfg),
         quantization=_quantization_of(cfg),
         o_proj_bias=o_proj_bias,
         mlp_bias=mlp_bias,
         attention_sinks=model_type == "gpt_oss",
+        sandwich_norms=model_type.startswith("gemma"),
         mlp_kinds=mlp_kinds,
         layer_types=layer_types,
         sliding_window=window,
