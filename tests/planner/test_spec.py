@@ -16,6 +16,7 @@ BUILT_IN = {
     "deepseek-v2-lite", "deepseek-v3", "gpt-oss-120b", "llama-3.1-70b-instruct", "llama-3.1-8b",
     "llama-3.2-1b-instruct", "mixtral-8x7b-v0.1", "qwen2.5-7b", "qwen3-235b-a22b-instruct-2507",
     "qwen3-30b-a3b", "qwen3-8b", "smollm2",
+    "qwen3-32b", "llama-3.3-70b-instruct", "gpt-oss-20b", "gemma-3-27b", "glm-4.5", "qwen3-235b-a22b-fp8",
 }
 
 LLAMA_TINY = {
