@@ -54,7 +54,7 @@ def _engine_settings(args: argparse.Namespace) -> EngineSettings:
 
 def plan_command(args: argparse.Namespace) -> int:
     from pipesplit.planner.costs import cost_model, params_total, weight_bytes_total
-    from pipesplit.planner.spec import load_spec
+    from pipesplit.planner.spec import hub_id_of, load_spec
 
     if args.tp < 1:
         raise UserError(f"--tp is {args.tp}; give 1 or more")
@@ -79,7 +79,9 @@ def plan_command(args: argparse.Namespace) -> int:
         if not selected.fits:
             raise UserError(_does_not_fit(selected, cost.kv_bytes_per_token_per_layer))
         plans = [selected]
-    launch = launch_line(selected, args.model, args.tp, settings, args.kv_dtype) if settings.engine != "pipesplit" else None
+    launch = None
+    if settings.engine != "pipesplit":
+        launch = launch_line(selected, hub_id_of(args.model), args.tp, settings, args.kv_dtype)
     warning = _max_model_len_warning(selected, spec, settings)
 
     if args.json:

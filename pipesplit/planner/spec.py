@@ -609,6 +609,34 @@ def _catalog_files() -> dict[str, Any]:
     return {p.name[: -len(".json")]: p for p in folder.iterdir() if p.name.endswith(".json")}
 
 
+HUB_IDS = {
+    # the Hugging Face repository each built-in config.json was published in (engines' launch lines)
+    "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
+    "gemma-3-27b": "google/gemma-3-27b-it",
+    "glm-4.5": "zai-org/GLM-4.5",
+    "gpt-oss-120b": "openai/gpt-oss-120b",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
+    "llama-3.1-70b-instruct": "meta-llama/Llama-3.1-70B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama-3.3-70b-instruct": "meta-llama/Llama-3.3-70B-Instruct",
+    "mixtral-8x7b-v0.1": "mistralai/Mixtral-8x7B-v0.1",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen3-235b-a22b-fp8": "Qwen/Qwen3-235B-A22B-FP8",
+    "qwen3-235b-a22b-instruct-2507": "Qwen/Qwen3-235B-A22B-Instruct-2507",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3-32b": "Qwen/Qwen3-32B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def hub_id_of(model: str) -> str:
+    """The Hub id to hand an engine for a model argument: built-in names map to their repository."""
+    return HUB_IDS.get(model.lower(), model)
+
+
 def catalog_names() -> list[str]:
     """Built-in model names (catalog file stems), sorted."""
     return sorted(_catalog_files())

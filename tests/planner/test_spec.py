@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from pipesplit.errors import UserError
-from pipesplit.planner.spec import ModelSpec, catalog_names, load_spec, spec_from_config
+from pipesplit.planner.spec import HUB_IDS, ModelSpec, catalog_names, load_spec, spec_from_config
 
 BUILT_IN = {
     "deepseek-v2-lite", "deepseek-v3", "gpt-oss-120b", "llama-3.1-70b-instruct", "llama-3.1-8b",
@@ -31,7 +31,7 @@ def config_of(name: str) -> dict:
 
 
 def test_catalog_names_are_the_packaged_configs():
-    assert set(catalog_names()) == BUILT_IN
+    assert set(catalog_names()) == BUILT_IN == set(HUB_IDS)
     assert catalog_names() == sorted(catalog_names())
 
 
