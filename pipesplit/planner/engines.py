@@ -55,8 +55,9 @@ VLLM_BIG_GPU_BYTES = 70 * GiB
 to max_num_batched_tokens 8192 and max_num_seqs 1024; smaller ones to 2048 and 256."""
 VLLM_SAMPLER_LOGITS_COPIES = 1.56
 """Peak activation of the last stage beyond the layers' own: max_num_seqs x vocab x fp32 logits
-this many times over (the dummy sampler run). Calibrated on field case V1 (Llama-3.1-8B, vLLM
-0.19: activation 1.89 GiB at PP1 vs 1.10 GiB on the logits-free rank 0 of PP2, case V4)."""
+this many times over (the dummy sampler run). Calibrated on field case V1 (Llama-3.1-8B, vLLM 0.19,
+activation 1.89 GiB at PP1): the layers' part from activation_bytes_per_token is 1.125 GiB there,
+within 2% of the 1.10 GiB that the logits-free rank 0 of PP2 logged (case V4)."""
 VLLM_NON_TORCH_TP1_PP1 = 0.25 * GiB  # field case V1: "non-torch 0.25 GiB" (vLLM 0.19, TP1 PP1)
 VLLM_NON_TORCH_TP1_PP = 0.07 * GiB  # field case V4: 0.07 GiB on rank 0 of PP2 and PP4 (vLLM 0.19)
 VLLM_NON_TORCH_TP_BASE, VLLM_NON_TORCH_TP_PER_RANK = 2.01 * GiB, 0.03 * GiB
