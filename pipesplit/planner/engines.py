@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from pipesplit.errors import UserError
 from pipesplit.planner.costs import DTYPE_BYTES, kv_heads_per_rank
-from pipesplit.planner.hardware import GiB, MiB, Device, find_gpu_or_none
+from pipesplit.planner.hardware import Device, GiB, MiB, find_gpu_or_none
 from pipesplit.planner.spec import ModelSpec
 
 ENGINES = ("pipesplit", "sglang", "vllm")
@@ -222,7 +222,7 @@ def stage_overheads(spec: ModelSpec, devices: tuple[Device, ...], tp: int, setti
         )
     reserve = None if settings.reserve_gib is None else int(settings.reserve_gib * GiB)
     if settings.engine == "vllm":
-        util = settings.memory_fraction or VLLM_DEFAULT_UTIL
+        util = engine_fraction(devices, tp, settings, mem_fraction)
         out = []
         for s, device in enumerate(devices):
             budget = int(visible_bytes(device) * util)
@@ -246,9 +246,7 @@ def stage_overheads(spec: ModelSpec, devices: tuple[Device, ...], tp: int, setti
         return tuple(out)
     # sglang: total = min over ranks of free memory before loading; rest per rank
     # = free_before_r - weights_r - total x (1 - f): the budget of rank r is free_before_r - total x (1 - f).
-    fraction = settings.memory_fraction or sglang_defaults(
-        min(d.capacity_bytes for d in devices) // MiB, tp, pp, settings.max_num_batched_tokens,
-        settings.cuda_graph_max_bs).mem_fraction_static
+    fraction = engine_fraction(devices, tp, settings, mem_fraction)
     overhead = reserve if reserve is not None else CUDA_CONTEXT_BYTES + _sglang_comm_bytes(tp)
     free_before = [visible_bytes(d) - overhead for d in devices]
     held_back = int(min(free_before) * (1 - fraction))
@@ -260,7 +258,7 @@ def stage_overheads(spec: ModelSpec, devices: tuple[Device, ...], tp: int, setti
     )
 
 
-def engine_fraction(spec_devices: tuple[Device, ...], tp: int, settings: EngineSettings, mem_fraction: float) -> float:
+def engine_fraction(devices: tuple[Device, ...], tp: int, settings: EngineSettings, mem_fraction: float) -> float:
     """The memory fraction the engine will use (its flag's value, or its default)."""
     if settings.engine == "pipesplit":
         return mem_fraction
@@ -268,7 +266,8 @@ def engine_fraction(spec_devices: tuple[Device, ...], tp: int, settings: EngineS
         return settings.memory_fraction
     if settings.engine == "vllm":
         return VLLM_DEFAULT_UTIL
-    return sglang_defaults(min(d.capacity_bytes for d in spec_devices) // MiB, tp, len(spec_devices),
+    # SGLang sizes its defaults from the smallest GPU (get_device_memory_capacity: min over GPUs)
+    return sglang_defaults(min(d.capacity_bytes for d in devices) // MiB, tp, len(devices),
                            settings.max_num_batched_tokens, settings.cuda_graph_max_bs).mem_fraction_static
 
 

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from pipesplit.errors import UserError
-from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, GPUS, GiB, check_memory_settings, resolve_devices
 from pipesplit.planner.engines import ENGINES, EngineModel, EngineSettings
+from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, GPUS, GiB, check_memory_settings, resolve_devices
 from pipesplit.planner.partition import DEFAULT_STRATEGY, check_stage_count, check_strategy
 from pipesplit.planner.plan import EXPLICIT, Plan, compare, make_plan
 

@@ -21,7 +21,7 @@ from pipesplit.cli import main
 from pipesplit.errors import UserError
 from pipesplit.planner.costs import cost_model, kv_bytes_per_token
 from pipesplit.planner.engines import EngineModel, EngineSettings, sglang_defaults, visible_bytes
-from pipesplit.planner.hardware import GiB, MiB, Device, resolve_devices
+from pipesplit.planner.hardware import Device, GiB, MiB, resolve_devices
 from pipesplit.planner.partition import SplitProblem, evaluate, max_kv, vllm
 from pipesplit.planner.plan import make_plan
 from pipesplit.planner.spec import load_spec, spec_from_config
