@@ -8,6 +8,9 @@ KV capacity ("max_total_num_tokens") of a partition, for the two targets:
 - pipesplit (and vLLM): each stage holds floor((usable_s - weights_s) / (layers_s * kv)) tokens;
   the pipeline holds the minimum over stages.
 - sglang: floor(min_s (usable_s - weights_s) / (kv * max_s layers_s)), SGLang's rule.
+With an engine's KV allocator (SplitProblem.kv_allocator) a stage's "layers_s * kv" becomes the
+bytes that engine allocates per token for the stage's layers: vLLM's hybrid KV groups or SGLang's
+SWA pool for sliding-window layers, and tokens round down to its page (block) size.
 """
 
 from __future__ import annotations
