@@ -17,7 +17,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (costs are per rank)")
     p.add_argument("--gpu", help="GPU name for every stage, or one per stage: H100,H100,A100-40GB")
     p.add_argument("--gpu-mem", help="custom device memory in GiB, one for all or one per stage: 80,80,40")
-    p.add_argument("--mem-fraction", type=float, default=0.9, help="share of device memory pipesplit may use (default 0.9)")
+    p.add_argument("--mem-fraction", type=float, default=None,
+                   help="--engine pipesplit: share of device memory pipesplit may use (default 0.9)")
     p.add_argument("--reserve", type=float, default=None,
                    help="GiB per device for everything but weights and KV: replaces the engine's modelled overhead "
                    "(default 2 for --engine pipesplit)")

@@ -14,6 +14,7 @@ from pipesplit.planner.partition import DEFAULT_STRATEGY, check_stage_count, che
 from pipesplit.planner.plan import EXPLICIT, Plan, compare, make_plan
 
 BASELINE = "sglang-legacy"
+DEFAULT_MEM_FRACTION = 0.9
 ENV_VARS = {"sglang": "SGLANG_PP_LAYER_PARTITION", "vllm": "VLLM_PP_LAYER_PARTITION"}
 BAR_WIDTH = 24
 
@@ -43,6 +44,9 @@ def _engine_settings(args: argparse.Namespace) -> EngineSettings:
     for key, name in only.items():
         if getattr(args, key) is not None and engine != name:
             raise UserError(f"--{key.replace('_', '-')} applies to --engine {name}, not {engine}")
+    if engine != "pipesplit" and args.mem_fraction is not None:
+        flag = "--gpu-memory-utilization" if engine == "vllm" else "--mem-fraction-static"
+        raise UserError(f"--mem-fraction is pipesplit's own budget; give {engine}'s {flag} with --engine {engine}")
     if engine == "pipesplit":
         for key in ("max_num_batched_tokens", "page_size", "max_model_len"):
             if getattr(args, key) is not None:
@@ -59,8 +63,9 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.tp < 1:
         raise UserError(f"--tp is {args.tp}; give 1 or more")
     reserve = DEFAULT_RESERVE_GIB if args.reserve is None else args.reserve
-    check_memory_settings(args.mem_fraction, reserve)
     settings = _engine_settings(args)
+    mem_fraction = DEFAULT_MEM_FRACTION if args.mem_fraction is None else args.mem_fraction
+    check_memory_settings(mem_fraction, reserve)
     if args.strategy:
         check_strategy(args.strategy)
     spec = load_spec(args.model, allow_download=not args.offline)
@@ -68,7 +73,7 @@ def plan_command(args: argparse.Namespace) -> int:
     check_stage_count(spec.num_layers, args.pp)
     devices = resolve_devices(args.gpu, args.gpu_mem, args.pp)
     engine = EngineModel(spec, args.tp, settings)
-    common = dict(reorder=args.reorder, mem_fraction=args.mem_fraction, reserve_gib=reserve, model=spec.name, engine=engine)
+    common = dict(reorder=args.reorder, mem_fraction=mem_fraction, reserve_gib=reserve, model=spec.name, engine=engine)
 
     if args.compare:
         plans = list(compare(cost, devices, partition=args.partition, **common))
@@ -123,7 +128,7 @@ def plan_command(args: argparse.Namespace) -> int:
         + _attention_summary(spec)
     )
     if settings.engine == "pipesplit":
-        memory = f"mem-fraction {args.mem_fraction:g}, reserve {reserve:g} GiB"
+        memory = f"mem-fraction {mem_fraction:g}, reserve {reserve:g} GiB"
     else:
         flag = "gpu-memory-utilization" if settings.engine == "vllm" else "mem-fraction-static"
         default = "" if settings.memory_fraction is not None else " (engine default)"

@@ -334,6 +334,7 @@ def test_pipesplit_engine_is_unchanged(capsys):
     (["--page-size", "16"], "--page-size is an engine flag"),
     (["--engine", "vllm", "--cuda-graph-max-bs", "8"], "--cuda-graph-max-bs applies to --engine sglang"),
     (["--engine", "vllm", "--target", "sglang"], "disagree"),
+    (["--engine", "vllm", "--mem-fraction", "0.8"], "give vllm's --gpu-memory-utilization"),
 ])
 def test_engine_flag_errors(capsys, argv, message):
     code, out, err = run(capsys, "plan", "llama-3.1-8b", "--pp", "2", "--gpu", "H100", *argv)
