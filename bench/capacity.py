@@ -1,5 +1,7 @@
 """KV capacity (max_total_num_tokens) of every partition strategy on real models and GPUs.
 
+Cases with an engine predict what that engine reports (its memory model and defaults, see
+pipesplit/planner/engines.py); the others use pipesplit's own rule (mem-fraction 0.9, reserve 2 GiB).
 Writes bench/results/capacity.json and prints a Markdown table. Not a test: it asserts only the
 claim the table makes, that max-kv is at least as good as every other strategy in every case.
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipesplit.planner.costs import cost_model
+from pipesplit.planner.engines import EngineModel, EngineSettings
 from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, resolve_devices
 from pipesplit.planner.partition import STRATEGIES
 from pipesplit.planner.plan import compare
@@ -34,6 +37,7 @@ class Case:
     mtp: bool = False
     target: str = "pipesplit"
     reorder: bool = False
+    engine: str = "pipesplit"
 
     @property
     def label(self) -> str:
@@ -41,6 +45,7 @@ class Case:
         parts = [self.model, f"PP{self.pp}"] + ([f"TP{self.tp}"] if self.tp > 1 else []) + [gpus]
         parts += (["MTP"] if self.mtp else []) + ([f"target {self.target}"] if self.target != "pipesplit" else [])
         parts += ["reorder"] if self.reorder else []
+        parts += [f"engine {self.engine}"] if self.engine != "pipesplit" else []
         return " ".join(parts)
 
 
@@ -76,6 +81,19 @@ CASES = [
     Case("qwen3-30b-a3b", 4, "RTX-4090"),
     Case("qwen3-30b-a3b", 4, "L4"),
     Case("llama-3.1-70b-instruct", 8, "L4", target="sglang"),
+    Case("deepseek-v3", 8, "H200", engine="sglang"),
+    Case("deepseek-v3", 8, "H200", engine="vllm"),
+    Case("llama-3.1-70b-instruct", 8, "L4", engine="sglang"),
+    Case("llama-3.1-70b-instruct", 8, "L4", engine="vllm"),
+    Case("qwen3-32b", 2, "L40S", engine="vllm"),
+    Case("llama-3.3-70b-instruct", 4, "H100,H100,A100-40GB,A100-40GB", engine="vllm"),
+    Case("gpt-oss-120b", 2, "H100", engine="sglang"),
+    Case("gpt-oss-120b", 2, "H100", engine="vllm"),
+    Case("gpt-oss-120b", 8, "L40S", engine="sglang"),
+    Case("gpt-oss-20b", 3, "L4", engine="vllm"),
+    Case("gemma-3-27b", 4, "L4", engine="sglang"),
+    Case("gemma-3-27b", 4, "L4", engine="vllm"),
+    Case("glm-4.5", 4, "H200", tp=8, engine="sglang"),
 ]
 
 
@@ -83,8 +101,9 @@ def run_case(case: Case) -> dict:
     spec = load_spec(case.model)
     cost = cost_model(spec, tp=case.tp, mtp=case.mtp)
     devices = resolve_devices(case.gpu, None, case.pp)
+    engine = EngineModel(spec, case.tp, EngineSettings(case.engine)) if case.engine != "pipesplit" else None
     start = time.perf_counter()
-    plans = compare(cost, devices, case.target, case.reorder, MEM_FRACTION, DEFAULT_RESERVE_GIB, spec.name)
+    plans = compare(cost, devices, case.target, case.reorder, MEM_FRACTION, DEFAULT_RESERVE_GIB, spec.name, engine=engine)
     seconds = time.perf_counter() - start
     by_name = {p.strategy: p for p in plans}
     best = by_name["max-kv"]
@@ -98,6 +117,8 @@ def run_case(case: Case) -> dict:
         "gpus": [st.gpu for st in best.stages],
         "mtp": case.mtp,
         "target": case.target,
+        "engine": case.engine,
+        "memory_fraction": best.memory_fraction,
         "reorder": case.reorder,
         "plan_seconds": round(seconds, 3),
         "strategies": {
@@ -146,8 +167,8 @@ def main() -> int:
         "cases": rows,
     }
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"mem-fraction {MEM_FRACTION}, reserve {DEFAULT_RESERVE_GIB:g} GiB per device; "
-          "(xG) = max-kv's max_total_num_tokens / that strategy's\n")
+    print(f"mem-fraction {MEM_FRACTION}, reserve {DEFAULT_RESERVE_GIB:g} GiB per device (engine cases: that engine's "
+          "defaults); (xG) = max-kv's max_total_num_tokens / that strategy's\n")
     print(markdown(rows))
     print(f"\nwrote {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}", file=sys.stderr)
     return 0

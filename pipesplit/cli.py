@@ -11,23 +11,41 @@ from pipesplit.errors import UserError
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="config.json, a folder holding one, or a built-in name (see `pipesplit models`)")
+    p.add_argument("model", help="config.json, a folder holding one, a built-in name (see `pipesplit models`) "
+                   "or a Hugging Face id such as Qwen/Qwen3-32B (config.json from the local HF cache)")
     p.add_argument("--pp", type=int, required=True, help="pipeline stages")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage (costs are per rank)")
     p.add_argument("--gpu", help="GPU name for every stage, or one per stage: H100,H100,A100-40GB")
     p.add_argument("--gpu-mem", help="custom device memory in GiB, one for all or one per stage: 80,80,40")
-    p.add_argument("--mem-fraction", type=float, default=0.9, help="share of device memory pipesplit may use (default 0.9)")
-    p.add_argument("--reserve", type=float, default=None, help="GiB kept free per device for activations and runtime (default 2)")
-    p.add_argument("--kv-dtype", default="auto", help="auto|float32|bfloat16|float16|fp8 (auto: the checkpoint's unquantized dtype)")
+    p.add_argument("--mem-fraction", type=float, default=None,
+                   help="--engine pipesplit: share of device memory pipesplit may use (default 0.9)")
+    p.add_argument("--reserve", type=float, default=None,
+                   help="GiB per device for everything but weights and KV: replaces the engine's modelled overhead "
+                   "(default 2 for --engine pipesplit)")
+    p.add_argument("--kv-dtype", "--kv-cache-dtype", dest="kv_dtype", default="auto",
+                   help="auto|float32|bfloat16|float16|fp8 (auto: the checkpoint's unquantized dtype)")
+    p.add_argument("--engine", default=None, help="whose capacity to predict: pipesplit (default), sglang or vllm")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vllm: its flag (default 0.9)")
+    p.add_argument("--mem-fraction-static", type=float, default=None,
+                   help="sglang: its flag (default: SGLang's heuristic on GPU memory and TP x PP)")
+    p.add_argument("--max-num-batched-tokens", "--chunked-prefill-size", dest="max_num_batched_tokens", type=int,
+                   default=None, help="vllm --max-num-batched-tokens / sglang --chunked-prefill-size (engine default)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="vllm: its flag (default 1024 on >= 70 GiB GPUs, else 256)")
+    p.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int, default=None,
+                   help="longest request (default: the model's max_position_embeddings)")
+    p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=None,
+                   help="sglang --page-size (default 1) / vllm --block-size (default 16)")
+    p.add_argument("--cuda-graph-max-bs", type=int, default=None, help="sglang: its flag (enters the default fraction)")
     p.add_argument("--mtp", action="store_true", help="hold the multi-token-prediction module on the last stage")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--strategy", help="partition strategy (default max-kv); see --compare for all")
     group.add_argument("--partition", help="explicit layers per stage, e.g. 8,8,8,8,8,7,7,7")
-    p.add_argument("--target", default="pipesplit", help="capacity formula: pipesplit (default) or sglang")
+    p.add_argument("--target", default=None, help=argparse.SUPPRESS)  # deprecated alias of --engine
     p.add_argument("--reorder", action="store_true", help="also search the order of mixed devices along the pipeline")
     p.add_argument("--compare", action="store_true", help="show every strategy side by side")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--env", choices=["sglang", "vllm"], help="print the env var that makes that engine use the partition")
+    p.add_argument("--offline", action="store_true", help="never download a Hub config.json (also HF_HUB_OFFLINE=1)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:

@@ -8,16 +8,22 @@ KV capacity ("max_total_num_tokens") of a partition, for the two targets:
 - pipesplit (and vLLM): each stage holds floor((usable_s - weights_s) / (layers_s * kv)) tokens;
   the pipeline holds the minimum over stages.
 - sglang: floor(min_s (usable_s - weights_s) / (kv * max_s layers_s)), SGLang's rule.
+With an engine's KV allocator (SplitProblem.kv_allocator) a stage's "layers_s * kv" becomes the
+bytes that engine allocates per token for the stage's layers: vLLM's hybrid KV groups or SGLang's
+SWA pool for sliding-window layers, and tokens round down to its page (block) size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 from pipesplit.errors import UserError
 
 TARGETS = ("pipesplit", "sglang")
+KV_ALLOCATORS = ("uniform", "vllm-hybrid", "sglang-swa")
+ATTENTION_KINDS = ("full", "sliding")
 
 
 def stage_kv_tokens(usable_bytes: int, weight_bytes: int, num_layers: int, kv_bytes_per_token_per_layer: int) -> int:
@@ -43,6 +49,12 @@ class SplitProblem:
     layer_flops: tuple[int, ...] = ()
     stage_extra_flops: tuple[int, ...] = ()
     stage_speed: tuple[float, ...] = ()
+    # How the engine lays out the KV cache: which layers are sliding-window (vLLM's hybrid
+    # groups and SGLang's SWA pool charge them differently), and its page (block) size.
+    layer_attention: tuple[str, ...] = ()
+    kv_allocator: str = "uniform"
+    swa_full_tokens_ratio: float = 0.8
+    page_size: int = 1
 
     def __post_init__(self) -> None:
         check_stage_count(len(self.layer_weight_bytes), len(self.usable_bytes))
@@ -58,6 +70,67 @@ class SplitProblem:
         if self.kv_bytes_per_token_per_layer <= 0:
             raise ValueError("kv_bytes_per_token_per_layer must be positive")
         check_target(self.target)
+        if self.layer_attention and (len(self.layer_attention) != len(self.layer_weight_bytes)
+                                     or set(self.layer_attention) - set(ATTENTION_KINDS)):
+            raise ValueError(f"layer_attention needs one entry of {ATTENTION_KINDS} per layer")
+        if self.kv_allocator not in KV_ALLOCATORS:
+            raise ValueError(f"kv_allocator must be one of {KV_ALLOCATORS}, got {self.kv_allocator!r}")
+        if self.page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        if not 0 < self.swa_full_tokens_ratio <= 1:
+            raise ValueError("swa_full_tokens_ratio must be in (0, 1]")
+        sliding = [0]
+        for kind in self.layer_attention or ("full",) * self.num_layers:
+            sliding.append(sliding[-1] + (kind == "sliding"))
+        object.__setattr__(self, "_sliding_prefix", tuple(sliding))
+
+    # -- KV per stage ------------------------------------------------------------------------
+    def _counts(self, a: int, b: int) -> tuple[int, int]:
+        """(full-attention, sliding-window) layers in [a, b)."""
+        sliding = self._sliding_prefix[b] - self._sliding_prefix[a]
+        return b - a - sliding, sliding
+
+    @property
+    def hybrid(self) -> bool:
+        return self.kv_allocator != "uniform" and 0 < self._sliding_prefix[-1] < self.num_layers
+
+    def _vllm_groups(self, a: int, b: int) -> tuple[int, int]:
+        """(layers per KV group, number of groups) of vLLM's hybrid allocator for layers [a, b).
+
+        vllm/v1/core/kv_cache_utils.py `_get_kv_cache_groups_uniform_page_size`: layers of one
+        attention type form groups of `group_size` layers (the smaller type count, or the larger
+        one when it is under 1.25x the smaller, to save padding); every group has its own block
+        table and the pool holds group_size tensors of num_blocks pages each.
+        """
+        counts = [n for n in self._counts(a, b) if n]
+        if len(counts) == 1:
+            return counts[0], 1
+        low, high = min(counts), max(counts)
+        group = high if high < low * 1.25 else low
+        return group, sum(-(-n // group) for n in counts)
+
+    def stage_kv_cell(self, a: int, b: int) -> int | Fraction:
+        """KV bytes one token costs on a stage holding layers [a, b), as its engine allocates them."""
+        kv = self.kv_bytes_per_token_per_layer
+        if not self.hybrid:
+            return (b - a) * kv
+        full, sliding = self._counts(a, b)
+        if self.kv_allocator == "vllm-hybrid":
+            group, groups = self._vllm_groups(a, b)
+            return group * groups * kv if full and sliding else (b - a) * kv
+        ratio = Fraction(self.swa_full_tokens_ratio).limit_denominator(1000)
+        return kv * (full + ratio * sliding) if full and sliding else (b - a) * kv
+
+    def stage_tokens(self, free_bytes: int, a: int, b: int) -> int:
+        """KV tokens a stage with free_bytes after its weights reports for layers [a, b)."""
+        return self.tokens_for_cell(free_bytes, self.stage_kv_cell(a, b))
+
+    def tokens_for_cell(self, free_bytes: int, cell: int | Fraction) -> int:
+        """floor(free / cell) rounded down to whole pages (vLLM blocks, SGLang pages)."""
+        if free_bytes <= 0:
+            return 0
+        tokens = int(free_bytes // cell)
+        return tokens // self.page_size * self.page_size
 
     @property
     def num_layers(self) -> int:
@@ -108,18 +181,24 @@ class Evaluation:
 def evaluate(problem: SplitProblem, partition: Sequence[int]) -> Evaluation:
     """Weights, KV tokens per stage and the pipeline's max_total_num_tokens under problem.target."""
     weights = _Weights(problem)
-    kv = problem.kv_bytes_per_token_per_layer
-    per_token_layers = [max(partition)] * len(partition) if problem.target == "sglang" else list(partition)
+    ranges = stage_ranges(partition)
+    cells = [problem.stage_kv_cell(a, b) for a, b in ranges]
+    if problem.target == "sglang":  # every rank divides by the largest stage's KV per token
+        cells = [max(cells)] * len(cells)
     stage_w, tokens, shortfall = [], [], []
-    for s, ((a, b), n) in enumerate(zip(stage_ranges(partition), per_token_layers)):
+    for s, ((a, b), cell) in enumerate(zip(ranges, cells)):
         w = weights.stage(s, a, b)
         stage_w.append(w)
-        tokens.append(stage_kv_tokens(problem.usable_bytes[s], w, n, kv))
-        shortfall.append(w + n * kv - problem.usable_bytes[s])
+        tokens.append(problem.tokens_for_cell(problem.usable_bytes[s] - w, cell))
+        shortfall.append(w + _ceil(cell * problem.page_size) - problem.usable_bytes[s])
     capacity = min(tokens)
     fits = capacity > 0
     binding = tokens.index(capacity) if fits else shortfall.index(max(shortfall))
     return Evaluation(capacity, fits, binding, tuple(stage_w), tuple(tokens), tuple(shortfall))
+
+
+def _ceil(x: int | Fraction) -> int:
+    return -(-x.numerator // x.denominator) if isinstance(x, Fraction) else x
 
 
 class _Weights:
@@ -229,10 +308,10 @@ def _tie_break(problem: SplitProblem, allowed: StageOk, max_layers: int | None =
 def _max_slack(problem: SplitProblem) -> tuple[int, ...]:
     """When nothing fits: the partition whose worst stage misses the least memory."""
     P, L = problem.num_stages, problem.num_layers
-    weights, kv, usable = _Weights(problem), problem.kv_bytes_per_token_per_layer, problem.usable_bytes
+    weights, usable = _Weights(problem), problem.usable_bytes
 
     def slack(s: int, a: int, b: int) -> int:
-        return usable[s] - weights.stage(s, a, b) - (b - a) * kv
+        return usable[s] - weights.stage(s, a, b) - _ceil(problem.stage_kv_cell(a, b) * problem.page_size)
 
     best = _bottleneck(P, L, slack, L)
     return _tie_break(problem, lambda s, a, b: slack(s, a, b) >= best)
@@ -240,15 +319,48 @@ def _max_slack(problem: SplitProblem) -> tuple[int, ...]:
 
 def _max_kv_pipesplit(problem: SplitProblem) -> tuple[int, ...]:
     P, L = problem.num_stages, problem.num_layers
-    weights, kv, usable = _Weights(problem), problem.kv_bytes_per_token_per_layer, problem.usable_bytes
+    weights, usable = _Weights(problem), problem.usable_bytes
 
     def tokens(s: int, a: int, b: int) -> int:
-        return stage_kv_tokens(usable[s], weights.stage(s, a, b), b - a, kv)
+        return problem.stage_tokens(usable[s] - weights.stage(s, a, b), a, b)
 
     best = _bottleneck(P, L, tokens, L)
     if best == 0:
         return _max_slack(problem)
     return _tie_break(problem, lambda s, a, b: tokens(s, a, b) >= best)
+
+
+def _max_kv_sglang_cells(problem: SplitProblem) -> tuple[int, ...]:
+    """SGLang's rule when a stage's KV per token is not layers x kv (SWA pool) or pages round:
+    enumerate the cap C on the largest stage's KV bytes per token over the distinct values; with
+    every stage's cell <= C, maximise the least free memory F(C); tokens(F(C), C) bounds the value
+    of that partition from below and the maximum over C is the optimum."""
+    P, L = problem.num_stages, problem.num_layers
+    weights, usable = _Weights(problem), problem.usable_bytes
+
+    def free(s: int, a: int, b: int) -> int:
+        return usable[s] - weights.stage(s, a, b)
+
+    caps = sorted({problem.stage_kv_cell(a, b) for a in range(L) for b in range(a + 1, min(L, a + L - P + 1) + 1)})
+    free_unbounded = _bottleneck(P, L, free, L - P + 1)
+    best, best_cap = 0, None
+    for cap in caps:
+        if problem.tokens_for_cell(free_unbounded, cap) <= best:
+            break  # larger caps only divide by more
+
+        def within(s: int, a: int, b: int, cap=cap) -> bool:
+            return problem.stage_kv_cell(a, b) <= cap
+
+        free_at_cap = _bottleneck(P, L, free, L - P + 1, within)
+        if free_at_cap is not None and problem.tokens_for_cell(free_at_cap, cap) > best:
+            best, best_cap = problem.tokens_for_cell(free_at_cap, cap), cap
+    if best == 0:
+        return _max_slack(problem)
+
+    def good(s: int, a: int, b: int) -> bool:
+        return problem.stage_kv_cell(a, b) <= best_cap and problem.tokens_for_cell(free(s, a, b), best_cap) >= best
+
+    return _tie_break(problem, good)
 
 
 def _max_kv_sglang(problem: SplitProblem) -> tuple[int, ...]:
@@ -362,7 +474,7 @@ def max_kv(num_layers: int, num_stages: int, problem: SplitProblem | None = None
     When nothing fits: the partition whose worst stage misses the least memory."""
     problem = _require(problem, "max-kv", num_layers, num_stages)
     if problem.target == "sglang":
-        return _max_kv_sglang(problem)
+        return _max_kv_sglang_cells(problem) if problem.hybrid or problem.page_size > 1 else _max_kv_sglang(problem)
     return _max_kv_pipesplit(problem)
 
 
@@ -388,11 +500,11 @@ def balanced(num_layers: int, num_stages: int, problem: SplitProblem | None = No
     throughput bound. Ties: most KV tokens (per-stage rule), then the max-kv tie-breaks."""
     problem = _require(problem, "balanced", num_layers, num_stages)
     P, L = num_stages, num_layers
-    weights, kv, usable = _Weights(problem), problem.kv_bytes_per_token_per_layer, problem.usable_bytes
+    weights, usable = _Weights(problem), problem.usable_bytes
     seconds = _Seconds(problem)
 
     def tokens(s: int, a: int, b: int) -> int:
-        return stage_kv_tokens(usable[s], weights.stage(s, a, b), b - a, kv)
+        return problem.stage_tokens(usable[s] - weights.stage(s, a, b), a, b)
 
     def fits(s: int, a: int, b: int) -> bool:
         return tokens(s, a, b) > 0

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pipesplit.errors import UserError
 from pipesplit.planner.costs import CostModel
+from pipesplit.planner.engines import EngineModel
 from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, Device, distinct_orders, find_gpu_or_none, usable_bytes
 from pipesplit.planner.partition import (
     DEFAULT_STRATEGY,
@@ -58,6 +59,9 @@ class StagePlan:
     mtp: bool
     weight_bytes: int
     kv_tokens: int
+    overhead_bytes: int = 0  # capacity the engine does not give to weights and KV (capacity - usable)
+    kv_bytes_per_token: int = 0  # KV bytes one token costs on this stage, as its engine allocates them
+    kv_bytes: int = 0  # the stage's KV pool at the pipeline's max_total_num_tokens
 
     @property
     def num_layers(self) -> int:
@@ -74,6 +78,8 @@ class Plan:
     fits: bool
     binding_stage: int | None  # stage with the fewest KV tokens, or the stage that does not fit
     stages: tuple[StagePlan, ...]
+    engine: str = "pipesplit"
+    memory_fraction: float = 0.9  # the fraction the engine uses (its flag or its default)
 
 
 def stage_extra_bytes(cost: CostModel, num_stages: int) -> tuple[int, ...]:
@@ -96,8 +102,9 @@ def stage_speeds(devices: Sequence[Device]) -> tuple[float, ...]:
 
 
 def split_problem(
-    cost: CostModel, usable: Sequence[int], target: str = "pipesplit", speeds: Sequence[float] = ()
+    cost: CostModel, usable: Sequence[int], target: str = "pipesplit", speeds: Sequence[float] = (), **layout
 ) -> SplitProblem:
+    """The partition problem; layout: the engine's KV allocator (see engines.kv_layout)."""
     num_stages = len(usable)
     return SplitProblem(
         layer_weight_bytes=tuple(cost.layer_weight_bytes),
@@ -108,6 +115,7 @@ def split_problem(
         layer_flops=tuple(cost.layer_flops_per_token),
         stage_extra_flops=(0,) * (num_stages - 1) + (cost.head_flops_per_token,) if cost.layer_flops_per_token else (),
         stage_speed=tuple(speeds),
+        **layout,
     )
 
 
@@ -119,9 +127,16 @@ def _plan_for_order(
     target: str,
     mem_fraction: float,
     reserve_gib: float,
+    engine: EngineModel | None = None,
 ) -> Plan:
-    usable = [usable_bytes(d.capacity_bytes, mem_fraction, reserve_gib) for d in devices]
-    problem = split_problem(cost, usable, target, stage_speeds(devices))
+    if engine is None:
+        usable = [usable_bytes(d.capacity_bytes, mem_fraction, reserve_gib) for d in devices]
+        layout, fraction = {"target": target}, mem_fraction
+    else:
+        usable = [o.usable for o in engine.overheads(tuple(devices), mem_fraction, reserve_gib)]
+        layout, fraction = engine.layout(), engine.fraction(tuple(devices), mem_fraction)
+    target = layout.pop("target")
+    problem = split_problem(cost, usable, target, stage_speeds(devices), **layout)
     num_layers, num_stages = problem.num_layers, problem.num_stages
     partition = partition_for(choice, num_layers, num_stages, problem)
     result = evaluate(problem, partition)
@@ -138,6 +153,9 @@ def _plan_for_order(
             mtp=s == last and cost.mtp_bytes > 0,
             weight_bytes=result.stage_weight_bytes[s],
             kv_tokens=result.stage_tokens[s],
+            overhead_bytes=device.capacity_bytes - usable[s],
+            kv_bytes_per_token=-(-problem.stage_kv_cell(*layers) // 1),
+            kv_bytes=int(result.max_total_num_tokens * problem.stage_kv_cell(*layers)),
         )
         for s, (device, layers) in enumerate(zip(devices, stage_ranges(partition)))
     )
@@ -150,6 +168,8 @@ def _plan_for_order(
         fits=result.fits,
         binding_stage=result.binding_stage,
         stages=stages,
+        engine=engine.engine if engine is not None else "pipesplit",
+        memory_fraction=fraction,
     )
 
 
@@ -169,6 +189,7 @@ def make_plan(
     mem_fraction: float = 0.9,
     reserve_gib: float = DEFAULT_RESERVE_GIB,
     model: str = "",
+    engine: EngineModel | None = None,
 ) -> Plan:
     """The plan for one strategy (default max-kv) or an explicit partition on these devices.
 
@@ -189,7 +210,7 @@ def make_plan(
     best: Plan | None = None
     best_key = None
     for order in orders:
-        plan = _plan_for_order(model, cost, order, choice, target, mem_fraction, reserve_gib)
+        plan = _plan_for_order(model, cost, order, choice, target, mem_fraction, reserve_gib, engine)
         key = (plan.max_total_num_tokens, -_shortfall(plan, cost))
         if best_key is None or key > best_key:
             best, best_key = plan, key
@@ -206,12 +227,13 @@ def compare(
     reserve_gib: float = DEFAULT_RESERVE_GIB,
     model: str = "",
     partition: str | Sequence[int] | None = None,
+    engine: EngineModel | None = None,
 ) -> tuple[Plan, ...]:
     """One plan per registered strategy (and the explicit partition, if given), in registry order."""
     plans = [
-        make_plan(cost, devices, name, None, target, reorder, mem_fraction, reserve_gib, model)
+        make_plan(cost, devices, name, None, target, reorder, mem_fraction, reserve_gib, model, engine)
         for name in STRATEGIES
     ]
     if partition is not None:
-        plans.append(make_plan(cost, devices, None, partition, target, reorder, mem_fraction, reserve_gib, model))
+        plans.append(make_plan(cost, devices, None, partition, target, reorder, mem_fraction, reserve_gib, model, engine))
     return tuple(plans)

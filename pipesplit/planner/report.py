@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 from pipesplit.errors import UserError
+from pipesplit.planner.engines import ENGINES, EngineModel, EngineSettings
 from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, GPUS, GiB, check_memory_settings, resolve_devices
-from pipesplit.planner.partition import DEFAULT_STRATEGY, check_stage_count, check_strategy, check_target
+from pipesplit.planner.partition import DEFAULT_STRATEGY, check_stage_count, check_strategy
 from pipesplit.planner.plan import EXPLICIT, Plan, compare, make_plan
 
 BASELINE = "sglang-legacy"
+DEFAULT_MEM_FRACTION = 0.9
 ENV_VARS = {"sglang": "SGLANG_PP_LAYER_PARTITION", "vllm": "VLLM_PP_LAYER_PARTITION"}
 BAR_WIDTH = 24
 
@@ -20,22 +23,57 @@ BAR_WIDTH = 24
 # plan
 
 
+def _engine_settings(args: argparse.Namespace) -> EngineSettings:
+    """--engine (or the deprecated --target) and the engine flags, checked against each other."""
+    engine = args.engine
+    if args.target is not None:
+        print("pipesplit: note: --target is deprecated and will be removed; use --engine", file=sys.stderr)
+        if args.target not in ENGINES:
+            raise UserError(f"unknown target {args.target!r}; give one of {', '.join(ENGINES)} (--target is now --engine)")
+        if engine is not None and engine != args.target:
+            raise UserError(f"--target {args.target} and --engine {engine} disagree; give --engine only")
+        engine = args.target
+    engine = engine or "pipesplit"
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}; give one of {', '.join(ENGINES)}")
+    own = {"vllm": "gpu_memory_utilization", "sglang": "mem_fraction_static"}
+    for name, flag in (("vllm", "--gpu-memory-utilization"), ("sglang", "--mem-fraction-static")):
+        if getattr(args, own[name]) is not None and engine != name:
+            raise UserError(f"{flag} applies to --engine {name}, not {engine}; --engine pipesplit takes --mem-fraction")
+    only = {"max_num_seqs": "vllm", "cuda_graph_max_bs": "sglang"}
+    for key, name in only.items():
+        if getattr(args, key) is not None and engine != name:
+            raise UserError(f"--{key.replace('_', '-')} applies to --engine {name}, not {engine}")
+    if engine != "pipesplit" and args.mem_fraction is not None:
+        flag = "--gpu-memory-utilization" if engine == "vllm" else "--mem-fraction-static"
+        raise UserError(f"--mem-fraction is pipesplit's own budget; give {engine}'s {flag} with --engine {engine}")
+    if engine == "pipesplit":
+        for key in ("max_num_batched_tokens", "page_size", "max_model_len"):
+            if getattr(args, key) is not None:
+                raise UserError(f"--{key.replace('_', '-')} is an engine flag; add --engine sglang or --engine vllm")
+    fraction = args.gpu_memory_utilization if engine == "vllm" else args.mem_fraction_static
+    return EngineSettings(engine, fraction, args.max_num_batched_tokens, args.max_num_seqs, args.max_model_len,
+                          args.page_size, args.cuda_graph_max_bs, args.reserve if engine != "pipesplit" else None)
+
+
 def plan_command(args: argparse.Namespace) -> int:
     from pipesplit.planner.costs import cost_model, params_total, weight_bytes_total
-    from pipesplit.planner.spec import load_spec
+    from pipesplit.planner.spec import hub_id_of, load_spec
 
     if args.tp < 1:
         raise UserError(f"--tp is {args.tp}; give 1 or more")
     reserve = DEFAULT_RESERVE_GIB if args.reserve is None else args.reserve
-    check_memory_settings(args.mem_fraction, reserve)
-    check_target(args.target)
+    settings = _engine_settings(args)
+    mem_fraction = DEFAULT_MEM_FRACTION if args.mem_fraction is None else args.mem_fraction
+    check_memory_settings(mem_fraction, reserve)
     if args.strategy:
         check_strategy(args.strategy)
-    spec = load_spec(args.model)
+    spec = load_spec(args.model, allow_download=not args.offline)
     cost = cost_model(spec, tp=args.tp, kv_dtype=args.kv_dtype, mtp=args.mtp)
     check_stage_count(spec.num_layers, args.pp)
     devices = resolve_devices(args.gpu, args.gpu_mem, args.pp)
-    common = dict(target=args.target, reorder=args.reorder, mem_fraction=args.mem_fraction, reserve_gib=reserve, model=spec.name)
+    engine = EngineModel(spec, args.tp, settings)
+    common = dict(reorder=args.reorder, mem_fraction=mem_fraction, reserve_gib=reserve, model=spec.name, engine=engine)
 
     if args.compare:
         plans = list(compare(cost, devices, partition=args.partition, **common))
@@ -46,6 +84,10 @@ def plan_command(args: argparse.Namespace) -> int:
         if not selected.fits:
             raise UserError(_does_not_fit(selected, cost.kv_bytes_per_token_per_layer))
         plans = [selected]
+    launch = None
+    if settings.engine != "pipesplit":
+        launch = launch_line(selected, hub_id_of(args.model), args.tp, settings, args.kv_dtype)
+    warning = _max_model_len_warning(selected, spec, settings)
 
     if args.json:
         doc = {
@@ -55,15 +97,22 @@ def plan_command(args: argparse.Namespace) -> int:
             "params_total": params_total(spec),
             "weight_bytes_total": weight_bytes_total(spec),
             "kv_bytes_per_token_per_layer": cost.kv_bytes_per_token_per_layer,
+            "layer_types": list(spec.layer_types),
+            "sliding_window": spec.sliding_window,
             "tp": args.tp,
-            "target": args.target,
-            "mem_fraction": args.mem_fraction,
-            "reserve_gib": reserve,
+            "engine": settings.engine,
+            "target": selected.target,
+            "mem_fraction": selected.memory_fraction,
+            "reserve_gib": reserve if settings.engine == "pipesplit" or args.reserve is not None else None,
             "selected": selected.strategy,
             "plans": [plan_to_dict(p) for p in plans],
         }
         if args.env:
             doc["env"] = {ENV_VARS[args.env]: _csv(selected.partition)}
+        if launch:
+            doc["launch"] = launch
+        if warning:
+            doc["warning"] = warning
         print(json.dumps(doc, indent=2))
         return 0
     if args.env:
@@ -76,17 +125,65 @@ def plan_command(args: argparse.Namespace) -> int:
     print(
         f"{spec.name} ({spec.architecture}): {spec.num_layers} layers, {params_total(spec) / 1e9:,.1f}B params, "
         f"{weight_gib:,.1f} GiB weights; KV {cost.kv_bytes_per_token_per_layer:,} B per token per layer per rank"
+        + _attention_summary(spec)
     )
-    print(
-        f"PP {args.pp} x TP {args.tp}: {_device_summary(selected)}; mem-fraction {args.mem_fraction:g}, "
-        f"reserve {reserve:g} GiB; target {args.target}"
-    )
+    if settings.engine == "pipesplit":
+        memory = f"mem-fraction {mem_fraction:g}, reserve {reserve:g} GiB"
+    else:
+        flag = "gpu-memory-utilization" if settings.engine == "vllm" else "mem-fraction-static"
+        default = "" if settings.memory_fraction is not None else " (engine default)"
+        memory = f"{flag} {selected.memory_fraction:g}{default}" + (
+            f", reserve {args.reserve:g} GiB" if args.reserve is not None else ", modelled overhead")
+    print(f"PP {args.pp} x TP {args.tp}: {_device_summary(selected)}; {memory}; engine {settings.engine}")
     if args.compare:
         print()
         print(format_comparison(plans))
     print()
     print(format_plan(selected, cost.kv_bytes_per_token_per_layer))
+    if warning:
+        print(f"warning: {warning}")
+    if launch:
+        print()
+        print(launch)
     return 0
+
+
+def _attention_summary(spec) -> str:
+    sliding = spec.layer_types.count("sliding_attention")
+    if not sliding:
+        return ""
+    sinks = ", attention sinks" if spec.attention_sinks else ""
+    return f"; {sliding} of {spec.num_layers} layers sliding-window ({spec.sliding_window} tokens{sinks})"
+
+
+def _max_model_len_warning(plan: Plan, spec, settings: EngineSettings) -> str | None:
+    """vLLM refuses to start when the KV cache cannot hold one request of max_model_len tokens."""
+    if settings.engine != "vllm" or not plan.fits:
+        return None
+    length = settings.max_model_len or spec.max_position_embeddings
+    if plan.max_total_num_tokens >= length:
+        return None
+    return (f"vLLM will refuse to start: max_model_len {length:,} exceeds the {plan.max_total_num_tokens:,} KV tokens; "
+            f"pass --max-model-len {plan.max_total_num_tokens:,} or less")
+
+
+def launch_line(plan: Plan, model: str, tp: int, settings: EngineSettings, kv_dtype: str = "auto") -> str:
+    """The command that starts the engine with this plan's partition and memory fraction."""
+    parts = [f"{ENV_VARS[settings.engine]}={_csv(plan.partition)}"]
+    if settings.engine == "sglang":
+        parts += ["python -m sglang.launch_server", f"--model-path {model}", f"--tp-size {tp}",
+                  f"--pp-size {len(plan.partition)}", f"--mem-fraction-static {plan.memory_fraction:g}"]
+        flags = (("--chunked-prefill-size", settings.max_num_batched_tokens), ("--page-size", settings.page_size),
+                 ("--context-length", settings.max_model_len), ("--cuda-graph-max-bs", settings.cuda_graph_max_bs))
+    else:
+        parts += ["vllm serve", model, f"--tensor-parallel-size {tp}", f"--pipeline-parallel-size {len(plan.partition)}",
+                  f"--gpu-memory-utilization {plan.memory_fraction:g}"]
+        flags = (("--max-num-batched-tokens", settings.max_num_batched_tokens), ("--block-size", settings.page_size),
+                 ("--max-model-len", settings.max_model_len), ("--max-num-seqs", settings.max_num_seqs))
+    parts += [f"{flag} {value}" for flag, value in flags if value is not None]
+    if kv_dtype != "auto":
+        parts.append(f"--kv-cache-dtype {kv_dtype}")
+    return " ".join(parts)
 
 
 def _csv(values: Sequence[int]) -> str:
@@ -144,11 +241,12 @@ def format_plan(plan: Plan, kv: int) -> str:
     """Per-stage rows (layers, extras, weights, KV tokens, unused memory, a bar) and the binding stage."""
     title = "explicit partition" if plan.strategy == EXPLICIT else f"strategy {plan.strategy}"
     lines = [f"{title}: partition {_csv(plan.partition)}"]
-    header = ("stage", "gpu", "layers", "holds", "weights GiB", "KV tokens", "unused GiB", "memory (# weights, = KV, . unused)")
+    header = ("stage", "gpu", "layers", "holds", "weights GiB", "overhead GiB", "KV tokens", "unused GiB",
+              "memory (# weights, = KV, . unused)")
     rows = []
     for st in plan.stages:
         holds = "+".join(name for name, on in (("embed", st.embedding), ("head", st.lm_head), ("mtp", st.mtp)) if on)
-        kv_used = plan.max_total_num_tokens * st.num_layers * kv
+        kv_used = st.kv_bytes or plan.max_total_num_tokens * st.num_layers * kv
         unused = st.usable_bytes - st.weight_bytes - kv_used
         rows.append(
             (
@@ -157,15 +255,16 @@ def format_plan(plan: Plan, kv: int) -> str:
                 f"{st.layers[0]}-{st.layers[1] - 1}",
                 holds or "-",
                 _gib(st.weight_bytes),
+                f"{st.overhead_bytes / GiB:,.2f}",
                 f"{st.kv_tokens:,}",
                 _gib(unused) if unused >= 0 else f"over by {_gib(-unused)}",
                 _bar(st.usable_bytes, st.weight_bytes, kv_used),
             )
         )
-    lines.append(_table(header, rows, right={0, 4, 5, 6}))
+    lines.append(_table(header, rows, right={0, 4, 5, 6, 7}))
     if plan.fits:
         lines.append(
-            f"max_total_num_tokens {plan.max_total_num_tokens:,} (target {plan.target}); "
+            f"max_total_num_tokens {plan.max_total_num_tokens:,} (engine {plan.engine}); "
             f"binding stage {plan.binding_stage} ({plan.stages[plan.binding_stage].gpu})"
         )
     else:
@@ -194,6 +293,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]
 def plan_to_dict(plan: Plan) -> dict:
     return {
         "strategy": plan.strategy,
+        "engine": plan.engine,
         "target": plan.target,
         "partition": list(plan.partition),
         "max_total_num_tokens": plan.max_total_num_tokens,
@@ -210,6 +310,9 @@ def plan_to_dict(plan: Plan) -> dict:
                 "lm_head": st.lm_head,
                 "mtp": st.mtp,
                 "weight_bytes": st.weight_bytes,
+                "overhead_bytes": st.overhead_bytes,
+                "kv_bytes_per_token": st.kv_bytes_per_token,
+                "kv_bytes": st.kv_bytes,
                 "kv_tokens": st.kv_tokens,
             }
             for st in plan.stages

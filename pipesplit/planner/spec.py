@@ -29,6 +29,10 @@ FAMILIES = {
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
     "gpt_oss": "gpt_oss",
+    # planned, not run yet (the runtime's registry says so)
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "glm4_moe": "glm4_moe",
 }
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -41,6 +45,17 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "GptOssForCausalLM": "gpt_oss",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Glm4MoeForCausalLM": "glm4_moe",
+}
+MULTIMODAL_TEXT = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+"""Vision-language checkpoints planned as their text model (text_config; the vision tower is left out)."""
+GEMMA3_TEXT_DEFAULTS = {
+    # transformers models/gemma3/configuration_gemma3.py Gemma3TextConfig defaults: multimodal
+    # checkpoints (gemma-3-27b-it) omit these keys from their text_config
+    "vocab_size": 262208, "max_position_embeddings": 131072, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6,
+    "sliding_window_pattern": 6, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
 }
 
 
@@ -163,6 +178,7 @@ class ModelSpec:
     o_proj_bias: bool = False  # llama with attention_bias, gpt-oss
     mlp_bias: bool = False  # llama mlp_bias: biases on gate/up/down
     attention_sinks: bool = False  # gpt-oss: one learned sink logit per head
+    sandwich_norms: bool = False  # gemma: pre/post feed-forward norms beside the two usual ones
     mlp_kinds: tuple[str, ...] = ()  # per decoder layer: "dense" | "moe"; empty means all dense
     layer_types: tuple[str, ...] = ()  # per decoder layer: full_attention | sliding_attention
     sliding_window: int | None = None
@@ -365,6 +381,11 @@ def _layer_types_of(cfg: _Config, model_type: str, num_layers: int) -> tuple[tup
         types = tuple(given)
     elif model_type in ("mistral", "mixtral") and window:
         types = ("sliding_attention",) * num_layers
+    elif model_type == "gemma2":  # transformers Gemma2: even layers slide
+        types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers))
+    elif model_type == "gemma3_text":  # every sliding_window_pattern-th layer is global
+        pattern = cfg.positive("sliding_window_pattern", 6)
+        types = tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers))
     elif model_type.startswith("qwen") and window and cfg.config.get("use_sliding_window"):
         first = cfg.get("max_window_layers", int, num_layers)
         types = tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
@@ -447,10 +468,41 @@ def _deepseek(cfg: _Config, model_type: str, num_layers: int, num_mtp: int):
     return mla, moe, kinds, mtp_kinds
 
 
+def _glm4_moe(cfg: _Config, num_layers: int, num_mtp: int):
+    """GLM-4.5: dense layers before first_k_dense_replace, then routed + shared experts with a
+    sigmoid router and an e_score_correction_bias (transformers models/glm4_moe)."""
+    first_dense = cfg.get("first_k_dense_replace", int, 0)
+    width = cfg.positive("moe_intermediate_size")
+    n_shared = cfg.get("n_shared_experts", int, 0)
+    moe = MoESpec(
+        num_experts=cfg.positive("n_routed_experts"),
+        num_experts_per_tok=cfg.positive("num_experts_per_tok"),
+        intermediate_size=width,
+        num_shared_experts=n_shared,
+        shared_intermediate_size=n_shared * width,
+        norm_topk_prob=cfg.get("norm_topk_prob", bool, True),
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        n_group=cfg.positive("n_group", 1),
+        topk_group=cfg.positive("topk_group", 1),
+        routed_scaling_factor=cfg.get("routed_scaling_factor", float, 1.0),
+        score_correction_bias=True,
+    )
+    kinds = _moe_layers(num_layers, lambda i: i >= first_dense)
+    return moe, kinds, ("moe" if num_layers >= first_dense else "dense",) * num_mtp
+
+
 def spec_from_config(config: dict, name: str = "") -> ModelSpec:
     """Read a Hugging Face config.json dict into a validated ModelSpec."""
     if not isinstance(config, dict):
         raise UserError(f"a model config must be a JSON object, got {type(config).__name__}")
+    architectures = config.get("architectures") or []
+    if isinstance(architectures, list) and architectures and architectures[0] in MULTIMODAL_TEXT:
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise UserError(f"{architectures[0]} config.json lacks its 'text_config' object")
+        config = {**GEMMA3_TEXT_DEFAULTS, **text, "architectures": [MULTIMODAL_TEXT[architectures[0]]],
+                  "model_type": "gemma3_text", "_name_or_path": config.get("_name_or_path", "")}
     model_type, architecture = _model_type_of(config)
     cfg = _Config(config, model_type)
     hidden = cfg.positive("hidden_size")
@@ -459,13 +511,14 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
     if heads % kv_heads:
         raise UserError(f"config key 'num_key_value_heads' ({kv_heads}) must divide num_attention_heads ({heads})")
     num_layers = cfg.positive("num_hidden_layers")
-    num_mtp = cfg.get("num_nextn_predict_layers", int, 0) if model_type.startswith("deepseek") else 0
+    num_mtp = cfg.get("num_nextn_predict_layers", int, 0) if model_type.startswith(("deepseek", "glm4_moe")) else 0
     rope_theta, rope_scaling = _rope_of(cfg)
     layer_types, window = _layer_types_of(cfg, model_type, num_layers)
     bos = cfg.get("bos_token_id", (int, type(None)), None)
 
     attention_bias = cfg.get("attention_bias", bool, False)
-    o_proj_bias = attention_bias if model_type in ("llama", "qwen3", "qwen3_moe", "gpt_oss") else False
+    o_proj_bias = attention_bias if model_type in ("llama", "qwen3", "qwen3_moe", "gpt_oss", "gemma2", "gemma3_text") \
+        else False
     if model_type in ("qwen2", "qwen2_moe"):
         attention_bias = cfg.get("qkv_bias", bool, True)
     elif model_type in ("mistral", "mixtral"):
@@ -504,6 +557,9 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
     elif model_type.startswith("deepseek"):
         mla, moe, mlp_kinds, mtp_kinds = _deepseek(cfg, model_type, num_layers, num_mtp)
         head_dim = mla.qk_head_dim
+    elif model_type == "glm4_moe":  # DeepSeek-V3's MoE and MTP layout with GQA attention (q/k/v biases)
+        moe, mlp_kinds, mtp_kinds = _glm4_moe(cfg, num_layers, num_mtp)
+        attention_bias = cfg.get("attention_bias", bool, False)
 
     return ModelSpec(
         name=name or str(config.get("_name_or_path") or model_type),
@@ -520,14 +576,16 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
         rms_norm_eps=cfg.get("rms_norm_eps", float, 1e-6),
         rope_theta=rope_theta,
         max_position_embeddings=cfg.positive("max_position_embeddings"),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", bool, False),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", bool, model_type.startswith("gemma")),
         attention_bias=attention_bias,
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") or (
+            model_type == "glm4_moe" and cfg.get("use_qk_norm", bool, False)),
         torch_dtype=_dtype_of(cfg),
         quantization=_quantization_of(cfg),
         o_proj_bias=o_proj_bias,
         mlp_bias=mlp_bias,
         attention_sinks=model_type == "gpt_oss",
+        sandwich_norms=model_type.startswith("gemma"),
         mlp_kinds=mlp_kinds,
         layer_types=layer_types,
         sliding_window=window,
@@ -551,6 +609,34 @@ def _catalog_files() -> dict[str, Any]:
     return {p.name[: -len(".json")]: p for p in folder.iterdir() if p.name.endswith(".json")}
 
 
+HUB_IDS = {
+    # the Hugging Face repository each built-in config.json was published in (engines' launch lines)
+    "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
+    "gemma-3-27b": "google/gemma-3-27b-it",
+    "glm-4.5": "zai-org/GLM-4.5",
+    "gpt-oss-120b": "openai/gpt-oss-120b",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
+    "llama-3.1-70b-instruct": "meta-llama/Llama-3.1-70B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama-3.3-70b-instruct": "meta-llama/Llama-3.3-70B-Instruct",
+    "mixtral-8x7b-v0.1": "mistralai/Mixtral-8x7B-v0.1",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen3-235b-a22b-fp8": "Qwen/Qwen3-235B-A22B-FP8",
+    "qwen3-235b-a22b-instruct-2507": "Qwen/Qwen3-235B-A22B-Instruct-2507",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3-32b": "Qwen/Qwen3-32B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def hub_id_of(model: str) -> str:
+    """The Hub id to hand an engine for a model argument: built-in names map to their repository."""
+    return HUB_IDS.get(model.lower(), model)
+
+
 def catalog_names() -> list[str]:
     """Built-in model names (catalog file stems), sorted."""
     return sorted(_catalog_files())
@@ -563,8 +649,12 @@ def _read_json(text: str, where: str) -> dict:
         raise UserError(f"{where} is not valid JSON: {e}") from None
 
 
-def load_spec(model: str) -> ModelSpec:
-    """ModelSpec from a config.json path, a folder holding config.json, or a built-in name."""
+def load_spec(model: str, allow_download: bool = True) -> ModelSpec:
+    """ModelSpec from a config.json path, a folder holding config.json, a built-in name or a Hub id.
+
+    A Hub id (`Qwen/Qwen3-32B`) reads config.json from the local Hugging Face cache, or downloads
+    that one file when allow_download and HF_HUB_OFFLINE is not set (see planner/hub.py).
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         config_path = path / "config.json"
@@ -578,7 +668,12 @@ def load_spec(model: str) -> ModelSpec:
     key = model.lower()
     if key in catalog:
         return spec_from_config(_read_json(catalog[key].read_text(), f"built-in {key}"), name=key)
+    from pipesplit.planner.hub import hub_config_path, is_hub_id
+
+    if is_hub_id(model):
+        config_path = hub_config_path(model, allow_download=allow_download)
+        return spec_from_config(_read_json(config_path.read_text(), f"{model} config.json"), name=model)
     raise UserError(
-        f"no model {model!r}: not a config.json, a folder holding one, or a built-in name "
-        f"({', '.join(sorted(catalog))})"
+        f"no model {model!r}: not a config.json, a folder holding one, a Hugging Face id (Org/Name) or a "
+        f"built-in name ({', '.join(sorted(catalog))})"
     )

@@ -40,7 +40,21 @@ BF16_TOTALS = {
     "mixtral-8x7b-v0.1": (46_702_792_704, 93_405_585_408),
     "deepseek-v2-lite": (15_706_484_224, 31_412_968_448),
     "smollm2": (134_515_008, None),
+    # Hub safetensors totals of Qwen/Qwen3-32B and meta-llama/Llama-3.3-70B-Instruct
+    "qwen3-32b": (32_762_123_264, None),
+    "llama-3.3-70b-instruct": (70_553_706_496, 141_107_412_992),
 }
+
+
+def test_glm45_matches_the_hub_total():
+    """zai-org/GLM-4.5: 358,337,791,296 parameters, the MTP layer 92 included (its router
+    e_score_correction_bias is float32, so the bytes are not twice the count)."""
+    assert params_total(load_spec("glm-4.5")) == 358_337_791_296
+
+
+def test_gpt_oss_20b_matches_the_model_card():
+    """openai/gpt-oss-20b model card: 20.91B parameters (experts unpacked from MXFP4)."""
+    assert round(params_total(load_spec("gpt-oss-20b"), "bfloat16") / 1e7) == 2091
 
 
 @pytest.fixture(scope="module")

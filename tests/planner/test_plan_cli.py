@@ -105,7 +105,7 @@ def test_mixed_devices_and_sglang_target(capsys):
         (["plan", "no-such-model", "--pp", "2", "--gpu", "H100"], "no model 'no-such-model'"),
         (["plan", "llama-3.1-8b", "--pp", "33", "--gpu", "H100"], "--pp 33 is more than the model's 32 layers"),
         (["plan", "llama-3.1-8b", "--pp", "4", "--gpu", "H100,H100,A100-40GB"], "--gpu lists 3 devices but --pp is 4; give 1 or 4"),
-        (["plan", "llama-3.1-8b", "--pp", "2", "--gpu", "H100", "--target", "trtllm"], "unknown target 'trtllm'"),
+        (["plan", "llama-3.1-8b", "--pp", "2", "--gpu", "H100", "--engine", "trtllm"], "unknown engine 'trtllm'"),
         (["plan", "llama-3.1-8b", "--pp", "2", "--gpu", "H100", "--strategy", "fast"], "unknown strategy 'fast'"),
         (["plan", "llama-3.1-8b", "--pp", "2", "--gpu", "H100", "--kv-dtype", "int3"], "kv dtype 'int3'"),
         (["plan", "llama-3.1-8b", "--pp", "2", "--gpu", "H100", "--mem-fraction", "1.5"], "--mem-fraction"),

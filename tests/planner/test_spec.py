@@ -10,12 +10,13 @@ import sys
 import pytest
 
 from pipesplit.errors import UserError
-from pipesplit.planner.spec import ModelSpec, catalog_names, load_spec, spec_from_config
+from pipesplit.planner.spec import HUB_IDS, ModelSpec, catalog_names, load_spec, spec_from_config
 
 BUILT_IN = {
     "deepseek-v2-lite", "deepseek-v3", "gpt-oss-120b", "llama-3.1-70b-instruct", "llama-3.1-8b",
     "llama-3.2-1b-instruct", "mixtral-8x7b-v0.1", "qwen2.5-7b", "qwen3-235b-a22b-instruct-2507",
     "qwen3-30b-a3b", "qwen3-8b", "smollm2",
+    "qwen3-32b", "llama-3.3-70b-instruct", "gpt-oss-20b", "gemma-3-27b", "glm-4.5", "qwen3-235b-a22b-fp8",
 }
 
 LLAMA_TINY = {
@@ -30,7 +31,7 @@ def config_of(name: str) -> dict:
 
 
 def test_catalog_names_are_the_packaged_configs():
-    assert set(catalog_names()) == BUILT_IN
+    assert set(catalog_names()) == BUILT_IN == set(HUB_IDS)
     assert catalog_names() == sorted(catalog_names())
 
 
@@ -258,3 +259,45 @@ def test_planner_modules_import_without_torch_or_numpy():
     code = "import sys, pipesplit.planner.spec, pipesplit.planner.costs; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_gemma3_multimodal_config_plans_its_text_model():
+    """gemma-3-27b-it's config.json nests the text model in text_config and omits its defaults."""
+    config = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504, "model_type": "gemma3_text",
+                        "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16,
+                        "query_pre_attn_scalar": 168, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152},
+    }
+    spec = spec_from_config(config)
+    built_in = load_spec("gemma-3-27b")
+    assert (spec.architecture, spec.family) == ("Gemma3ForCausalLM", "gemma")
+    assert spec.layer_types == built_in.layer_types and spec.layer_types.count("full_attention") == 10
+    assert (spec.vocab_size, spec.tie_word_embeddings, spec.sliding_window) == (262208, True, 1024)
+    assert spec.qk_norm and spec.sandwich_norms
+
+
+def test_gemma2_alternates_sliding_and_full():
+    spec = spec_from_config({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 64,
+                             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "head_dim": 16, "intermediate_size": 128, "vocab_size": 100,
+                             "max_position_embeddings": 64, "sliding_window": 32})
+    assert spec.layer_types == ("sliding_attention", "full_attention") * 2 and not spec.qk_norm
+
+
+def test_glm45_layout():
+    spec = load_spec("glm-4.5")
+    assert (spec.family, spec.num_layers, spec.num_mtp_layers) == ("glm4_moe", 92, 1)
+    assert spec.mlp_kinds[:4] == ("dense", "dense", "dense", "moe") and spec.mtp_mlp_kinds == ("moe",)
+    assert spec.attention_bias and not spec.o_proj_bias and spec.qk_norm
+    assert spec.moe.num_shared_experts == 1 and spec.moe.score_correction_bias and spec.moe.scoring_func == "sigmoid"
+
+
+def test_planned_only_families_say_so_at_run_time():
+    from pipesplit.runtime.models import family_module
+
+    for name in ("gemma-3-27b", "glm-4.5"):
+        with pytest.raises(UserError, match="can be planned but not run yet"):
+            family_module(load_spec(name))
