@@ -82,3 +82,24 @@ def test_cache_on_equals_transformers_and_cache_off(tiny_checkpoints, tiny_moe_c
     assert hits[1] == len(first[1]) + MAX_TOKENS - 1  # the first turn and its outputs fed back
     assert hits[2] == len(second[2]) - 1 and hits[3] == len(second[3]) - 1
     assert hits[4] >= 40 and hits[5] == 0
+
+
+def test_generate_json_reports_cached_tokens(tiny_checkpoints):
+    """The second of two identical prompts waits for the first (a 4-token step budget) and then
+    reads all but its last token from the cache; --disable-prefix-cache turns that off."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def run(*extra: str) -> list[int]:
+        cmd = [sys.executable, "-m", "pipesplit", "generate", str(tiny_checkpoints["llama"]), "--prompt-ids",
+               "5,6,7,8,9,10,11,12,13,14,15,16", "--prompt-ids", "5,6,7,8,9,10,11,12,13,14,15,16", "--max-tokens",
+               "2", "--max-batch-tokens", "4", "--chunked-prefill-size", "4", "--mem-budget", "0.01", "--json", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return [o["cached_tokens"] for o in json.loads(proc.stdout)["outputs"]]
+
+    assert run() == [0, 11]
+    assert run("--disable-prefix-cache") == [0, 0]
