@@ -80,6 +80,14 @@ TINY_MOE_MODELS = {
         rope_parameters=dict(_YARN, mscale=1.0, mscale_all_dim=1.0), **_MLA), "400KB"),
 }
 
+# Sliding-window families: windows shorter than the test prompts, so the window matters. gpt-oss:
+# layers alternate sliding / full, sinks, q/k/v/o and router biases, clamped SwiGLU, YaRN rope.
+TINY_WINDOW_MODELS = {
+    "gpt_oss": ("GptOssConfig", dict(num_hidden_layers=4, head_dim=16, num_local_experts=6, num_experts_per_tok=2,
+                                     sliding_window=4, swiglu_limit=1.5,
+                                     rope_parameters=dict(_YARN, truncate=False, rope_theta=150000.0)), None),
+}
+
 # the unquantized model behind the FP8 fixture: dims above 128 and no multiple of it (160, 152,
 # 200, 136) so that block scales cover partial blocks; no MTP module
 TINY_FP8_BASE = {
@@ -97,7 +105,7 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    config_class, overrides, shard = {**TINY_MODELS, **TINY_MOE_MODELS, **TINY_FP8_BASE}[name]
+    config_class, overrides, shard = {**TINY_MODELS, **TINY_MOE_MODELS, **TINY_WINDOW_MODELS, **TINY_FP8_BASE}[name]
     config = getattr(transformers, config_class)(**{**_COMMON, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -88,6 +88,9 @@ class MoESpec:
     score_correction_bias: bool = False  # router `e_score_correction_bias` (noaux_tc)
     router_bias: bool = False  # gpt-oss router has a bias
     expert_bias: bool = False  # gpt-oss experts have biases
+    # gpt-oss's clamped SwiGLU: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
 
     def __post_init__(self) -> None:
         _positive("num_experts", self.num_experts)
@@ -109,6 +112,10 @@ class MoESpec:
             raise UserError(f"n_group ({self.n_group}) must divide the number of experts ({self.num_experts})")
         if not 0 < self.topk_group <= self.n_group:
             raise UserError(f"topk_group ({self.topk_group}) must be between 1 and n_group ({self.n_group})")
+        if (self.swiglu_alpha is None) != (self.swiglu_limit is None):
+            raise UserError("the clamped SwiGLU needs both swiglu_alpha and swiglu_limit")
+        if self.swiglu_limit is not None and self.swiglu_limit <= 0:
+            raise UserError(f"swiglu_limit must be positive, got {self.swiglu_limit}")
 
 
 @dataclass(frozen=True)
@@ -498,6 +505,8 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
             norm_topk_prob=True,
             router_bias=True,
             expert_bias=True,
+            swiglu_alpha=cfg.get("swiglu_alpha", float, 1.702),
+            swiglu_limit=cfg.get("swiglu_limit", float, 7.0),
         )
         mlp_kinds = ("moe",) * num_layers
         attention_bias = o_proj_bias = cfg.get("attention_bias", bool, True)

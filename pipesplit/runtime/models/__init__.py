@@ -29,6 +29,7 @@ FAMILY_MODULES = {
     "llama": "pipesplit.runtime.models.llama",
     "mixtral": "pipesplit.runtime.models.mixtral",
     "deepseek": "pipesplit.runtime.models.deepseek",
+    "gpt_oss": "pipesplit.runtime.models.gpt_oss",
 }
 
 
