@@ -240,3 +240,63 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- MXFP4 (gpt-oss experts) ------------------------------------------------------------------------
+MXFP4_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def quantize_mxfp4(weight):
+    """(blocks uint8 [E, out, G, 16], scales uint8 [E, out, G]) of an expert weight [E, in, out], in
+    the published gpt-oss layout: 32-element blocks along `in`, two e2m1 nibbles per byte (low
+    first), one power-of-two scale per block (stored as exponent + 127) chosen so that the
+    block's largest magnitude maps into [3, 6]; every value rounds to the nearest e2m1 value."""
+    import torch
+
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    rows = weight.transpose(1, 2)  # [E, out, in]
+    e, out, in_ = rows.shape
+    tiles = rows.reshape(e, out, in_ // 32, 32)
+    exponent = torch.ceil(torch.log2(tiles.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+    scaled = tiles / torch.exp2(exponent)[..., None]
+    magnitude = (scaled.abs()[..., None] - grid).abs().argmin(-1)  # nearest grid point, 0..7
+    nibble = (magnitude | ((scaled < 0).long() << 3)).to(torch.uint8)
+    blocks = nibble[..., 0::2] | (nibble[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_mxfp4_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A gpt-oss checkpoint with its experts in MXFP4 ("mxfp4": `*_blocks` + `*_scales` and the
+    published quantization_config) and its unquantized twin ("dequantized": the same model with
+    the expert weights replaced by the values the blocks encode, dequantized by transformers'
+    own MXFP4 integration)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    root = tmp_path_factory.mktemp("tiny_mxfp4")
+    original = make_tiny_checkpoint("gpt_oss", root / "original")
+    tensors = load_file(original / "model.safetensors")
+    packed, twin = dict(tensors), dict(tensors)
+    for name in [n for n in tensors if n.endswith(MXFP4_EXPERT_WEIGHTS)]:
+        blocks, scales = quantize_mxfp4(tensors[name])
+        del packed[name]
+        packed[f"{name}_blocks"], packed[f"{name}_scales"] = blocks, scales
+        twin[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).contiguous()
+    config = json.loads((original / "config.json").read_text())
+    quantization = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    folders = {"original": original}
+    for kind, weights, written in (("mxfp4", packed, {**config, "quantization_config": quantization}),
+                                   ("dequantized", twin, config)):
+        folder = root / kind
+        folder.mkdir()
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(written, indent=2))
+        shutil.copy(original / "generation_config.json", folder / "generation_config.json")
+        folders[kind] = folder
+    return folders
