@@ -45,6 +45,7 @@ class CostModel:
     # experts count top_k / num_experts of theirs; attention over the context is left out).
     layer_flops_per_token: tuple[int, ...] = ()
     head_flops_per_token: int = 0
+    window_layers: tuple[bool, ...] = ()  # per layer: sliding-window attention (keeps only its window)
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,7 @@ def cost_model(spec: ModelSpec, tp: int = 1, kv_dtype: str = "auto", mtp: bool =
         kv_bytes_per_token_per_layer=kv_bytes_per_token(spec, tp, kv_dtype),
         layer_flops_per_token=tuple(_flops_per_token(spec, logical.layer(i)) for i in range(spec.num_layers)),
         head_flops_per_token=_flops_per_token(spec, logical.head()),
+        window_layers=tuple(t == "sliding_attention" for t in spec.layer_types),
     )
 
 

@@ -181,15 +181,17 @@ class Engine:
     def start(self) -> None:
         import torch
 
-        from pipesplit.runtime.kv_cache import SlotAllocator
+        from pipesplit.runtime.kv_cache import SlotAllocator, WindowSlots
         from pipesplit.runtime.stage import start_stage
 
         self._torch = torch
-        self.stage, self.capacity, self.reports, self.link = start_stage(
+        self.stage, capacity, self.reports, self.link = start_stage(
             encode(self.config), self.config.device, init_method=self._init_method, world=self.num_stages
         )
+        self.capacity, self.window_slots = capacity.max_total_num_tokens, capacity.window_slots
         self.allocator = SlotAllocator(self.capacity)
-        self.scheduler = Scheduler(self.scheduler_config, self.allocator)
+        windows = WindowSlots(self.stage.spec.sliding_window, self.window_slots) if self.window_slots else None
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator, windows)
         self.max_context = min(self.stage.spec.max_position_embeddings, self.capacity)
         self._inflight: collections.deque[_InFlight] = collections.deque()
         self._thread = threading.Thread(target=self._run, daemon=True, name="pipesplit-engine")
@@ -470,7 +472,7 @@ class LLM:
         log: bool = True,
     ) -> None:
         from pipesplit.runtime.loader import resolve_model
-        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan
+        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan, window_pool_for
         from pipesplit.runtime.tokenizer import load_tokenizer
 
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -490,16 +492,17 @@ class LLM:
             self.tokenizer = load_tokenizer(self.source)
         except UserError:
             self.tokenizer = None  # a checkpoint without tokenizer files still runs on token ids
-        budgets = budgets_for(self.spec, pp, device, mem_budget_gib, mem_fraction)
-        self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp)
-        cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
-        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp)
         scheduler_config = SchedulerConfig(
             micro_batches=micro_batches or pp,
             max_batch_tokens=max_batch_tokens,
             max_running_requests=max_running_requests,
             chunked_prefill_size=chunked_prefill_size,
         )
+        window_pool = window_pool_for(self.spec, max_running_requests, max_batch_tokens, scheduler_config.micro_batches)
+        budgets = budgets_for(self.spec, pp, device, mem_budget_gib, mem_fraction)
+        self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp, window_pool)
+        cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
+        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp, window_pool)
         self._closed = True
         self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
         if self._spawned is not None:

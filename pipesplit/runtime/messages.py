@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from pipesplit.planner.plan import Plan, StagePlan
+from pipesplit.planner.plan import Plan, StagePlan, WindowPool
 from pipesplit.runtime.sampler import SamplingParams
 
 
@@ -29,12 +29,17 @@ class NewRequest:
 
 @dataclass(frozen=True)
 class SeqStep:
-    """One sequence's share of a micro-batch: `new_slots` hold the K/V of its new tokens."""
+    """One sequence's share of a micro-batch: `new_slots` hold the K/V of its new tokens.
+
+    new_window_slots: with sliding-window layers, the window pool's slots of the same new tokens;
+    each stage keeps a sequence's window slots from `kv_cache.window_start` on and drops the rest.
+    """
 
     req_id: int
     context_len: int
     new_slots: tuple[int, ...]
     sample: bool
+    new_window_slots: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class RunConfig:
     mem_fraction: float
     threads: int
     mtp: bool = False
+    window_pool: WindowPool | None = None  # the sliding-window pool's limits (models with windowed layers)
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,8 @@ class StageReport:
 
 
 MESSAGE_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (NewRequest, SeqStep, StepMessage, RunConfig, StageReport, SamplingParams, Plan, StagePlan)
+    cls.__name__: cls for cls in (NewRequest, SeqStep, StepMessage, RunConfig, StageReport, SamplingParams, Plan, StagePlan,
+                 WindowPool)
 }
 
 

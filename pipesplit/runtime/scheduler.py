@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pipesplit.runtime.kv_cache import SlotAllocator
+from pipesplit.runtime.kv_cache import SlotAllocator, WindowSlots
 from pipesplit.runtime.messages import NewRequest, SeqStep, StepMessage
 from pipesplit.runtime.sampler import SamplingParams
 
@@ -38,6 +38,8 @@ class Request:
     max_context: int
     output_ids: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    window_slots: list[int] = field(default_factory=list)  # sliding-window pool: positions window_first...
+    window_first: int = 0
     num_computed: int = 0
     status: Status = Status.WAITING
     in_flight: bool = False
@@ -75,9 +77,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: SlotAllocator) -> None:
+    """allocator: the token pool; windows: the sliding-window layers' pool, if the model has some."""
+
+    def __init__(self, config: SchedulerConfig, allocator: SlotAllocator, windows: WindowSlots | None = None) -> None:
         self.config = config
         self.allocator = allocator
+        self.windows = windows
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._step_id = 0
@@ -102,8 +107,7 @@ class Scheduler:
             self.running.remove(request)
         if request in self.waiting:
             self.waiting.remove(request)
-        self.allocator.free(request.slots)
-        request.slots = []
+        self._release(request)
         request.status = Status.FINISHED
         request.finish_reason = reason
         if request.announced:
@@ -128,7 +132,7 @@ class Scheduler:
             n = min(request.num_tokens - request.num_computed, cfg.chunked_prefill_size, budget)
             if not self._make_room(n, keep={request, *(r for r, _ in chosen)}):
                 continue
-            chosen.append((request, self.allocator.allocate(n)))
+            chosen.append((request, self._allocate(request, n)))
             budget -= n
 
         for request in list(self.waiting):
@@ -137,21 +141,41 @@ class Scheduler:
             if len(chosen) >= limit or budget <= 0 or len(self.running) >= cfg.max_running_requests:
                 break
             n = min(request.num_tokens, cfg.chunked_prefill_size, budget)
-            if n > self.allocator.num_free:
+            if n > self._num_free:
                 break  # first come, first served: later arrivals do not overtake
             self.waiting.remove(request)
             self.running.append(request)
             request.status = Status.RUNNING
-            chosen.append((request, self.allocator.allocate(n)))
+            chosen.append((request, self._allocate(request, n)))
             budget -= n
 
         if not chosen:
             return None
         return self._build(chosen)
 
+    @property
+    def _num_free(self) -> int:
+        """Slots free in both pools: a step's new tokens take one of each."""
+        if self.windows is None:
+            return self.allocator.num_free
+        return min(self.allocator.num_free, self.windows.slots.num_free)
+
+    def _allocate(self, request: Request, n: int) -> list[int]:
+        """n token slots (and n window slots, kept on the request) for the request's next tokens."""
+        if self.windows is not None:
+            request.window_slots.extend(self.windows.slots.allocate(n))
+        return self.allocator.allocate(n)
+
+    def _release(self, request: Request) -> None:
+        self.allocator.free(request.slots)
+        request.slots = []
+        if self.windows is not None:
+            self.windows.slots.free(request.window_slots)
+            request.window_slots, request.window_first = [], 0
+
     def _make_room(self, n: int, keep: set[Request]) -> bool:
         """Frees slots by preempting the youngest idle running requests until n are free."""
-        while self.allocator.num_free < n:
+        while self._num_free < n:
             victims = [r for r in self.running if not r.in_flight and r not in keep]
             if not victims:
                 return False
@@ -160,8 +184,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.allocator.free(request.slots)
-        request.slots = []
+        self._release(request)
         request.num_computed = 0
         request.status = Status.WAITING
         request.num_preemptions += 1
@@ -180,7 +203,8 @@ class Scheduler:
                 new_requests.append(NewRequest(request.req_id, request.params, request.seed))
                 request.announced = True
             sample = request.num_computed == request.num_tokens
-            seqs.append(SeqStep(request.req_id, request.num_computed, tuple(new_slots), sample))
+            window_new = tuple(request.window_slots[-len(new_slots):]) if self.windows is not None else ()
+            seqs.append(SeqStep(request.req_id, request.num_computed, tuple(new_slots), sample, window_new))
         message = StepMessage(
             step_id=self._step_id,
             seqs=tuple(seqs),
@@ -209,6 +233,10 @@ class Scheduler:
         results = []
         for request, seq in zip(batch.requests, batch.message.seqs):
             request.in_flight = False
+            if self.windows is not None and request.window_slots:
+                # what no later query sees goes back to the window pool (stages drop it at their next step)
+                request.window_first = self.windows.slide(request.window_slots, request.window_first,
+                                                          request.num_computed)
             token = next(tokens) if seq.sample else None
             results.append((request, token))
         return results

@@ -43,6 +43,9 @@ class AttentionBatch:
     context_lens: list[int]
     context_slots: list[torch.Tensor]
     logits_indices: torch.Tensor
+    # The same tokens over the sliding-window pool (its slots, contexts cut to what the window
+    # sees), for windowed layers whose K/V live there; None: every layer uses the token pool.
+    window: AttentionBatch | None = field(default=None, compare=False)
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -450,6 +453,8 @@ class GQAttention(nn.Module):
         k_pool, v_pool = kv
         if k_pool.dtype != q.dtype:
             raise ValueError(f"KV pool dtype {k_pool.dtype} differs from the model dtype {q.dtype}")
+        if self.window is not None and batch.window is not None:
+            batch = batch.window  # this layer's K/V live in the sliding-window pool
         k_pool.index_copy_(0, batch.slot_mapping, k)
         v_pool.index_copy_(0, batch.slot_mapping, v)
         out = paged_attention(q, k_pool, v_pool, batch, self.scale, self.window, sinks=self.sinks, softcap=self.softcap)
