@@ -86,6 +86,11 @@ TINY_WINDOW_MODELS = {
     "gpt_oss": ("GptOssConfig", dict(num_hidden_layers=4, head_dim=16, num_local_experts=6, num_experts_per_tok=2,
                                      sliding_window=4, swiglu_limit=1.5,
                                      rope_parameters=dict(_YARN, truncate=False, rope_theta=150000.0)), None),
+    # every layer windowed (Mistral's sliding_window)
+    "mistral_window": ("MistralConfig", dict(num_hidden_layers=4, sliding_window=5, head_dim=16), None),
+    # Qwen2's use_sliding_window: layers from max_window_layers on are windowed
+    "qwen2_window": ("Qwen2Config", dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=3,
+                                         max_window_layers=1, tie_word_embeddings=False), None),
 }
 
 # the unquantized model behind the FP8 fixture: dims above 128 and no multiple of it (160, 152,
@@ -151,6 +156,13 @@ def tiny_moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
     folders = {name: make_tiny_checkpoint(name, root / name) for name in TINY_MOE_MODELS}
     add_mtp_tensors(folders["deepseek_v3"])
     return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_window_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every tiny sliding-window model, saved once per session: name -> folder."""
+    root = tmp_path_factory.mktemp("tiny_window")
+    return {name: make_tiny_checkpoint(name, root / name) for name in TINY_WINDOW_MODELS}
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,8 @@ def windowed_stage_kv_tokens(
     token_limit: int,
 ) -> int:
     """Tokens one stage holds for its full-attention layers once its windowed layers have their
-    `window_slots`; a stage of windowed layers only holds `token_limit` (0 when it cannot fit)."""
+    `window_slots`; a stage of windowed layers only is not bounded by tokens: it gives
+    `token_limit` (0 when its window pool does not fit)."""
     free = usable_bytes - weight_bytes - window_layers * kv_bytes_per_token_per_layer * window_slots
     if free < 0:
         return 0
@@ -96,9 +97,13 @@ def kv_capacity(
         return KVCapacity(full_charge, tokens, 0)
     best = KVCapacity(full_charge, tokens, tokens)
     if window_slots:
-        pooled = tuple(windowed_stage_kv_tokens(u, w, f, n, kv, window_slots, token_limit) for u, w, f, n in stages)
-        if min(pooled) > tokens:
-            best = KVCapacity(pooled, min(pooled), window_slots)
+        pooled = [windowed_stage_kv_tokens(u, w, f, n, kv, window_slots, token_limit) for u, w, f, n in stages]
+        bounded = [t for t, f in zip(pooled, full_layers) if f or not t]  # stages whose tokens are bounded
+        pooled_tokens = min(bounded) if bounded else token_limit
+        if pooled_tokens > tokens:
+            # a stage of windowed layers only holds whatever the others hold
+            pooled = [t if f or not t else max(t, pooled_tokens) for t, f in zip(pooled, full_layers)]
+            best = KVCapacity(tuple(pooled), pooled_tokens, window_slots)
     return best
 
 
@@ -226,6 +231,9 @@ class _Weights:
 
     def stage(self, s: int, a: int, b: int) -> int:
         return self.prefix[b] - self.prefix[a] + self.extra[s]
+
+
+_UNBOUNDED = 1 << 62  # a stage's tokens when nothing it holds grows with them
 
 
 class _WindowLayers:
@@ -357,11 +365,12 @@ def _max_kv_pipesplit(problem: SplitProblem) -> tuple[int, ...]:
 
         def pooled(s: int, a: int, b: int) -> int:
             n = windows.count(a, b)
-            return windowed_stage_kv_tokens(usable[s], weights.stage(s, a, b), b - a - n, n, kv,
-                                            problem.window_slots, problem.token_limit)
+            t = windowed_stage_kv_tokens(usable[s], weights.stage(s, a, b), b - a - n, n, kv,
+                                         problem.window_slots, problem.token_limit)
+            return t if t == 0 or n < b - a else _UNBOUNDED  # windowed layers only: no token bound
 
         best_pooled = _bottleneck(P, L, pooled, L)
-        if best_pooled > best:
+        if (problem.token_limit if best_pooled == _UNBOUNDED else best_pooled) > best:
             return _tie_break(problem, lambda s, a, b: pooled(s, a, b) >= best_pooled)
     if best == 0:
         return _max_slack(problem)

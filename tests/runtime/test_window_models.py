@@ -19,16 +19,17 @@ from tests.runtime.test_models import PROMPTS, PipelineInOneProcess, hf_greedy, 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAX_NEW = 10  # longer than every window below
-SPLITS = {"gpt_oss": [[4], [1, 3], [2, 1, 1]]}
+SPLITS = {"gpt_oss": [[4], [1, 3], [2, 1, 1]], "mistral_window": [[4], [2, 2], [1, 2, 1]],
+          "qwen2_window": [[4], [1, 3], [2, 1, 1]]}
 CASES = [(name, split) for name, splits in SPLITS.items() for split in splits]
+# Fewer window slots than the positions the prompts and generations pass through: slots released
+# as the windows slide must be reused for the tokens to come out right.
+WINDOW_SLOTS = 40
 
 
 @pytest.fixture(scope="module")
-def window_checkpoints(tmp_path_factory):
-    from tests.conftest import TINY_WINDOW_MODELS, make_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("tiny_window")
-    return {name: make_tiny_checkpoint(name, root / name) for name in TINY_WINDOW_MODELS}
+def window_checkpoints(tiny_window_checkpoints):
+    return tiny_window_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +43,22 @@ def _pipeline(folder, partition, **kwargs) -> PipelineInOneProcess:
 
 @pytest.mark.parametrize("name,partition", CASES, ids=[f"{n}-{'.'.join(map(str, s))}" for n, s in CASES])
 def test_batched_greedy_matches_transformers(window_checkpoints, window_reference, name, partition):
-    assert _pipeline(window_checkpoints[name], partition).generate(PROMPTS, MAX_NEW) == window_reference[name]
+    """Windowed layers in their own small pool (slots freed as the window slides) ..."""
+    pipeline = _pipeline(window_checkpoints[name], partition, window_slots=WINDOW_SLOTS)
+    assert pipeline.generate(PROMPTS, MAX_NEW) == window_reference[name]
+    positions = sum(len(p) + MAX_NEW - 1 for p in PROMPTS)
+    assert pipeline.most_window_slots_held < WINDOW_SLOTS < positions
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_windowed_layers_in_the_token_pool_match_transformers(window_checkpoints, window_reference, name):
+    """... or in the token pool with the window as a mask: the same tokens."""
+    assert _pipeline(window_checkpoints[name], SPLITS[name][1]).generate(PROMPTS, MAX_NEW) == window_reference[name]
 
 
 @pytest.mark.parametrize("name", list(SPLITS))
 def test_chunked_prefill_mixed_with_decodes_matches_transformers(window_checkpoints, window_reference, name):
-    pipeline = _pipeline(window_checkpoints[name], SPLITS[name][-1], seed=1)
+    pipeline = _pipeline(window_checkpoints[name], SPLITS[name][-1], seed=1, window_slots=WINDOW_SLOTS)
     assert pipeline.generate(PROMPTS, MAX_NEW, chunk=3, start_steps=[0, 1, 3]) == window_reference[name]
 
 
@@ -64,19 +75,24 @@ def test_prefill_logits_match_transformers(window_checkpoints, name):
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_the_window_and_the_sinks_change_the_tokens(window_checkpoints, window_reference, tmp_path):
-    """The reference itself depends on the window and on the sinks: a test passing with either
-    ignored would prove nothing."""
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_the_window_changes_the_tokens(window_checkpoints, window_reference, tmp_path, name):
+    """The reference itself depends on the window: a test passing with it ignored would prove nothing."""
+    import shutil
+
+    wide = tmp_path / "wide"
+    shutil.copytree(window_checkpoints[name], wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "sliding_window": 256}))
+    assert hf_greedy(str(wide), PROMPTS, MAX_NEW) != window_reference[name]
+
+
+def test_the_sinks_change_the_tokens(window_checkpoints, window_reference, tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     folder = window_checkpoints["gpt_oss"]
-    wide = tmp_path / "wide"
-    shutil.copytree(folder, wide)
-    config = json.loads((wide / "config.json").read_text())
-    (wide / "config.json").write_text(json.dumps({**config, "sliding_window": 256}))
-    assert hf_greedy(str(wide), PROMPTS, MAX_NEW) != window_reference["gpt_oss"]
     no_sinks = tmp_path / "no_sinks"
     shutil.copytree(folder, no_sinks)
     tensors = load_file(no_sinks / "model.safetensors")
