@@ -91,6 +91,15 @@ TINY_WINDOW_MODELS = {
     # Qwen2's use_sliding_window: layers from max_window_layers on are windowed
     "qwen2_window": ("Qwen2Config", dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=3,
                                          max_window_layers=1, tie_word_embeddings=False), None),
+    # local / global alternating, attention and final soft-capping (low caps, so that they bite),
+    # pre- and post-norms, scaled embeddings, query_pre_attn_scalar other than head_dim
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=4, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0), None),
+    # every third layer global, q/k norms, local rope theta 10k and global 1M with linear scaling
+    "gemma3": ("Gemma3TextConfig", dict(
+        num_hidden_layers=5, head_dim=16, sliding_window=4, query_pre_attn_scalar=16, sliding_window_pattern=3,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}), None),
 }
 
 # the unquantized model behind the FP8 fixture: dims above 128 and no multiple of it (160, 152,

@@ -252,6 +252,9 @@ class _Inventory:
         p = f"model.layers.{layer}"
         t = self.vector(f"{p}.input_layernorm.weight", s.hidden_size)
         t += self.vector(f"{p}.post_attention_layernorm.weight", s.hidden_size)
+        if s.gemma is not None:  # norms around the MLP too
+            t += self.vector(f"{p}.pre_feedforward_layernorm.weight", s.hidden_size)
+            t += self.vector(f"{p}.post_feedforward_layernorm.weight", s.hidden_size)
         t += self.attention(f"{p}.self_attn")
         if s.mlp_kind(layer) == "moe":
             t += self.moe(p)

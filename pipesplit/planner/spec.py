@@ -29,6 +29,8 @@ FAMILIES = {
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
     "gpt_oss": "gpt_oss",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
 }
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -41,6 +43,8 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "GptOssForCausalLM": "gpt_oss",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
 
 
@@ -145,13 +149,32 @@ class MLASpec:
 
 
 @dataclass(frozen=True)
+class GemmaSpec:
+    """Gemma 2 / 3 specifics: scores scaled by query_pre_attn_scalar ** -0.5 and optionally
+    soft-capped (c * tanh(x / c)), final logits likewise; Gemma 3's local (sliding) layers rotate
+    with their own rope theta and scaling (None: the global rope)."""
+
+    query_pre_attn_scalar: float
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "local_rope_theta"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise UserError(f"config key {key!r} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """The architecture facts pipesplit needs, validated at construction."""
 
     name: str
     model_type: str  # the supported type the config was read as (kimi_k2 -> deepseek_v3)
     architecture: str
-    family: str  # runtime model registry key: llama | mixtral | deepseek | gpt_oss
+    family: str  # runtime model registry key: llama | mixtral | deepseek | gpt_oss | gemma
     vocab_size: int
     hidden_size: int
     num_layers: int  # decoder layers that get split; MTP layers not included
@@ -175,6 +198,7 @@ class ModelSpec:
     sliding_window: int | None = None
     moe: MoESpec | None = None
     mla: MLASpec | None = None
+    gemma: GemmaSpec | None = None
     num_mtp_layers: int = 0  # DeepSeek NextN modules, stored as model.layers.{num_layers + i}
     mtp_mlp_kinds: tuple[str, ...] = ()  # MLP kind of each MTP module's decoder layer
     bos_token_id: int | None = None
@@ -372,12 +396,56 @@ def _layer_types_of(cfg: _Config, model_type: str, num_layers: int) -> tuple[tup
         types = tuple(given)
     elif model_type in ("mistral", "mixtral") and window:
         types = ("sliding_attention",) * num_layers
+    elif model_type == "gemma2":  # local and global layers alternate, local first
+        types = tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers))
+    elif model_type == "gemma3_text":  # every sliding_window_pattern-th layer global
+        pattern = cfg.positive("sliding_window_pattern", 6)
+        types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
     elif model_type.startswith("qwen") and window and cfg.config.get("use_sliding_window"):
         first = cfg.get("max_window_layers", int, num_layers)
         types = tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
     else:
         types = ("full_attention",) * num_layers
     return types, (window if "sliding_attention" in types else None)
+
+
+GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
+
+
+def _gemma(cfg: _Config, model_type: str, rope_theta: float, rope_scaling: dict | None):
+    """(GemmaSpec, global rope theta, global rope scaling): Gemma 3's two ropes come as
+    rope_parameters per layer type (transformers 5) or as rope_theta + rope_local_base_freq."""
+    activation = cfg.config.get("hidden_activation") or cfg.config.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation not in GEMMA_ACTIVATIONS:
+        raise UserError(f"config key 'hidden_activation' must be gelu_pytorch_tanh for gemma, got {activation!r}")
+    local_theta = local_scaling = None
+    if model_type == "gemma3_text":
+        params = cfg.config.get("rope_parameters")
+        if isinstance(params, dict) and "full_attention" in params:
+            rope_theta, rope_scaling = _rope_pair(params["full_attention"], 1_000_000.0)
+            local_theta, local_scaling = _rope_pair(params.get("sliding_attention") or {}, 10_000.0)
+        else:
+            local_theta = float(cfg.get("rope_local_base_freq", (int, float), 10_000.0))
+    softcap = lambda key: cfg.get(key, (int, float, type(None)), None)  # noqa: E731
+    gemma = GemmaSpec(
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", (int, float), 256)),
+        attn_logit_softcapping=softcap("attn_logit_softcapping"),
+        final_logit_softcapping=softcap("final_logit_softcapping"),
+        local_rope_theta=local_theta,
+        local_rope_scaling=local_scaling,
+    )
+    return gemma, rope_theta, rope_scaling
+
+
+def _rope_pair(params: dict, default_theta: float) -> tuple[float, dict | None]:
+    """(theta, scaling or None) of one rope_parameters entry."""
+    if not isinstance(params, dict):
+        raise UserError(f"rope_parameters entries must be dicts, got {params!r}")
+    theta = params.get("rope_theta", default_theta)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise UserError(f"rope_parameters rope_theta must be a positive number, got {theta!r}")
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return float(theta), (scaling if scaling.get("rope_type", "default") != "default" else None)
 
 
 def _head_dim_of(cfg: _Config, hidden: int, heads: int) -> int:
@@ -513,6 +581,10 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
     elif model_type.startswith("deepseek"):
         mla, moe, mlp_kinds, mtp_kinds = _deepseek(cfg, model_type, num_layers, num_mtp)
         head_dim = mla.qk_head_dim
+    gemma = None
+    if model_type.startswith("gemma"):
+        gemma, rope_theta, rope_scaling = _gemma(cfg, model_type, rope_theta, rope_scaling)
+        o_proj_bias = attention_bias
 
     return ModelSpec(
         name=name or str(config.get("_name_or_path") or model_type),
@@ -529,9 +601,9 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
         rms_norm_eps=cfg.get("rms_norm_eps", float, 1e-6),
         rope_theta=rope_theta,
         max_position_embeddings=cfg.positive("max_position_embeddings"),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", bool, False),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", bool, gemma is not None),
         attention_bias=attention_bias,
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         torch_dtype=_dtype_of(cfg),
         quantization=_quantization_of(cfg),
         o_proj_bias=o_proj_bias,
@@ -542,6 +614,7 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
         sliding_window=window,
         moe=moe,
         mla=mla,
+        gemma=gemma,
         num_mtp_layers=num_mtp,
         mtp_mlp_kinds=mtp_kinds,
         bos_token_id=bos,

@@ -1,5 +1,7 @@
 """Sliding-window families against transformers: gpt-oss (sinks, alternating sliding / full layers,
-biased router, clamped SwiGLU, YaRN) and its MXFP4 checkpoints.
+biased router, clamped SwiGLU, YaRN) and its MXFP4 checkpoints, Gemma 2 / 3 (local and global
+layers, soft-capping, pre- and post-norms, scaled embeddings, q/k norms, two ropes), and Mistral /
+Qwen2 with sliding_window; windowed layers in a pool of their own or masked in the token pool.
 
 Windows are shorter than the prompts and the generations, so a wrong window shows in the tokens.
 """
@@ -20,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAX_NEW = 10  # longer than every window below
 SPLITS = {"gpt_oss": [[4], [1, 3], [2, 1, 1]], "mistral_window": [[4], [2, 2], [1, 2, 1]],
-          "qwen2_window": [[4], [1, 3], [2, 1, 1]]}
+          "qwen2_window": [[4], [1, 3], [2, 1, 1]], "gemma2": [[4], [1, 3], [1, 1, 2]],
+          "gemma3": [[5], [2, 3], [1, 3, 1]]}
 CASES = [(name, split) for name, splits in SPLITS.items() for split in splits]
 # Fewer window slots than the positions the prompts and generations pass through: slots released
 # as the windows slide must be reused for the tokens to come out right.
@@ -100,6 +103,62 @@ def test_the_sinks_change_the_tokens(window_checkpoints, window_reference, tmp_p
         tensors[name] = torch.full_like(tensors[name], -1e4)  # exp(-1e4) = 0: no sink at all
     save_file(tensors, no_sinks / "model.safetensors", metadata={"format": "pt"})
     assert hf_greedy(str(no_sinks), PROMPTS, MAX_NEW) != window_reference["gpt_oss"]
+
+
+@pytest.mark.parametrize("name,change", [("gemma2", {"attn_logit_softcapping": None}),
+                                         ("gemma2", {"final_logit_softcapping": None}),
+                                         ("gemma3", {"rope_parameters": {
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                             "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                "rope_theta": 1000000.0}}})])
+def test_gemma_soft_caps_and_local_rope_change_the_logits(window_checkpoints, tmp_path, name, change):
+    """Each Gemma feature the runtime implements moves transformers' logits (so the logit test
+    above checks it), and the runtime follows the config when it changes."""
+    import shutil
+
+    import transformers
+
+    changed = tmp_path / "changed"
+    shutil.copytree(window_checkpoints[name], changed)
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**config, **change}))
+    prompt = PROMPTS[2]
+    batch = lambda: _prefill_batch(len(prompt), list(range(len(prompt))))  # noqa: E731
+    with torch.inference_mode():
+        logits = {}
+        for kind, folder in (("original", window_checkpoints[name]), ("changed", changed)):
+            hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            logits[kind] = (_pipeline(folder, SPLITS[name][1]).forward(prompt, batch()), hf(torch.tensor([prompt])).logits[0])
+    torch.testing.assert_close(*logits["changed"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits["original"][1], logits["changed"][1], atol=1e-3)
+
+
+@pytest.mark.parametrize("config_class,layers", [("Gemma2Config", (24, 26)), ("Gemma3TextConfig", (10, 12))])
+def test_gemma_default_configs_build_transformers_tensors(config_class, layers):
+    """Full-size Gemma 2 and Gemma 3 defaults, on the meta device: a last stage holds
+    exactly transformers' tensors of its layers (names and shapes), which are costs' inventory."""
+    import transformers
+
+    from pipesplit.planner import costs
+    from pipesplit.planner.spec import spec_from_config
+    from pipesplit.runtime.models import build_stage
+
+    config = getattr(transformers, config_class)()
+    spec = spec_from_config(config.to_dict())
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    stage = build_stage(spec, layers, True, True, torch.bfloat16, "meta")
+    held = {n: tuple(t.shape) for n, t in stage.state_dict().items()}
+    prefixes = tuple(f"model.layers.{i}." for i in range(*layers))
+    reference = {n: tuple(t.shape) for n, t in hf.state_dict().items()
+                 if (n.startswith(prefixes) or not n.startswith("model.layers.")) and n != "lm_head.weight"}
+    assert spec.tie_word_embeddings  # the head is the embedding, stored once
+    assert held == reference
+    expected = costs.embedding_tensors(spec, weight_dtype="bfloat16") + costs.head_tensors(spec, weight_dtype="bfloat16")
+    expected += [t for i in range(*layers) for t in costs.layer_tensors(spec, i, weight_dtype="bfloat16")]
+    assert held == {t.name: t.shape for t in expected if t.name != "lm_head.weight"}  # tied: one matrix
+    kinds = [stage.model.layers[str(i)].layer_type for i in range(*layers)]
+    assert kinds == list(config.layer_types[layers[0]:layers[1]])
 
 
 # -- MXFP4 ---------------------------------------------------------------------------------------

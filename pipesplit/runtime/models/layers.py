@@ -517,6 +517,8 @@ class DecoderStage(nn.Module):
 
     make_layer(index) builds decoder layer `index`. held_layers: extra modules stored under
     `model.layers.{index}` that the stage holds but never runs (DeepSeek's MTP module).
+    final_norm (the norm class of `model.norm`), embed_scale (embeddings multiplied by it) and
+    logit_softcap (logits -> c * tanh(logits / c)): Gemma's.
     forward(inputs, batch, kv_cache): token ids [T] on the first stage, else the residual stream
     [T, hidden]; returns float32 logits of batch.logits_indices on the last stage, else [T, hidden].
     """
@@ -532,6 +534,9 @@ class DecoderStage(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         held_layers: dict[int, nn.Module] | None = None,
+        final_norm: type[RMSNorm] | None = None,
+        embed_scale: float | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
         start, end = layers
@@ -549,8 +554,9 @@ class DecoderStage(nn.Module):
         self.model.layers = nn.ModuleDict({str(i): make_layer(i) for i in range(start, end)})
         for index, module in (held_layers or {}).items():
             self.model.layers[str(index)] = module
+        self.embed_scale, self.logit_softcap = embed_scale, logit_softcap
         if lm_head:
-            self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+            self.model.norm = (final_norm or RMSNorm)(spec.hidden_size, spec.rms_norm_eps, dtype, device)
             # tied and holding the embedding (PP=1): the head reads the embedding's weight, stored once
             if not (spec.tie_word_embeddings and embedding):
                 self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device=device)
@@ -562,6 +568,8 @@ class DecoderStage(nn.Module):
 
     def forward(self, inputs: torch.Tensor, batch: AttentionBatch, kv_cache: dict) -> torch.Tensor:
         h = self.model.embed_tokens(inputs) if self.has_embedding else inputs
+        if self.has_embedding and self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)  # rounded to the model dtype first, as in HF
         if self._layers:
             rope = self.rotary(batch.positions, h.dtype)
             for index, layer in self._layers:
@@ -569,4 +577,7 @@ class DecoderStage(nn.Module):
         if not self.has_lm_head:
             return h
         h = self.model.norm(h.index_select(0, batch.logits_indices))
-        return F.linear(h, self.head_weight()).float()
+        logits = F.linear(h, self.head_weight()).float()
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
