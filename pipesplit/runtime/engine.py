@@ -565,6 +565,11 @@ class LLM:
             f"{','.join(map(str, self.plan.partition))}: max_total_num_tokens {self.max_total_num_tokens} "
             f"(binding stage {binding.stage})"
         ]
+        if self.engine.window_slots:
+            lines.append(
+                f"pipesplit:   sliding-window layers (window {self.spec.sliding_window}) keep their K/V in a pool of "
+                f"{self.engine.window_slots} slots, released as the windows slide"
+            )
         for plan_stage, r in zip(self.plan.stages, self.stage_reports):
             start, end = plan_stage.layers
             lines.append(

@@ -32,7 +32,8 @@ def _workload(n: int, seed: int = 0) -> list[list[int]]:
 # max_position_embeddings tokens (what the scheduler can use) once its window pools fit; a budget
 # small enough that the full charge holds fewer
 @pytest.mark.parametrize("name,pp,partition,budget_gib", [("gpt_oss", 2, "1,3", 0.004), ("mistral_window", 3, None, 0.0008),
-                                                          ("qwen2_window", 2, "2,2", 0.004)])
+                                                          ("qwen2_window", 2, "2,2", 0.004),
+                                                          ("gemma3", 2, "2,3", 0.004)])
 def test_window_pool_capacity_equals_the_plan_and_outputs_equal_transformers(
         tiny_window_checkpoints, name, pp, partition, budget_gib):
     folder = str(tiny_window_checkpoints[name])
@@ -46,6 +47,7 @@ def test_window_pool_capacity_equals_the_plan_and_outputs_equal_transformers(
     assert predicted.max_total_num_tokens > full_charge.max_total_num_tokens  # what the window pool is for
     prompts = _workload(10)
     with LLM(folder, pp=pp, partition=partition, mem_budget_gib=budget_gib, log=False, **LIMITS) as llm:
+        assert f"pool of {pool.slots} slots" in llm.startup_report()
         assert llm.plan == predicted
         assert llm.max_total_num_tokens == predicted.max_total_num_tokens
         assert llm.engine.window_slots == predicted.window_slots

@@ -15,8 +15,8 @@ import torch
 
 from pipesplit.runtime.loader import SafetensorsSource, dequantize_mxfp4, load_stage, resolve_model
 from pipesplit.runtime.stage import live_weight_bytes
-from tests.runtime.test_moe_models import _layer_of, _prefill_batch
 from tests.runtime.test_models import PROMPTS, PipelineInOneProcess, hf_greedy, layer_ranges
+from tests.runtime.test_moe_models import _layer_of, _prefill_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
