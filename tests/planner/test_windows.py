@@ -117,3 +117,49 @@ def test_gpt_oss_holds_nearly_twice_the_tokens_with_its_window_pool(pp, gpu, at_
         assert stage.kv_tokens == (stage.usable_bytes - stage.weight_bytes - windowed * kv * pool.slots) // (full * kv)
     assert make_plan(cost, devices, target="sglang", model=spec.name, window_pool=pool) == make_plan(
         cost, devices, target="sglang", model=spec.name)  # SGLang's rule charges windowed layers in full
+
+
+# -- Gemma configs as the Hub writes them -------------------------------------------------------------
+GEMMA3_1B = {  # google/gemma-3-1b-it's text config keys (no layer_types: sliding_window_pattern)
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 1152,
+    "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1,
+    "head_dim": 256, "vocab_size": 262144, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None, "sliding_window": 512,
+    "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "final_logit_softcapping": None,
+    "attn_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh", "torch_dtype": "bfloat16",
+}
+GEMMA2_9B = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336,
+    "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+    "vocab_size": 256000, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "sliding_window": 4096, "query_pre_attn_scalar": 256, "final_logit_softcapping": 30.0,
+    "attn_logit_softcapping": 50.0, "hidden_activation": "gelu_pytorch_tanh", "torch_dtype": "float32",
+}
+
+
+def test_gemma_configs_parse_into_interleaved_layers_soft_caps_and_two_ropes():
+    from pipesplit.planner.spec import spec_from_config
+
+    g3 = spec_from_config(GEMMA3_1B)
+    assert (g3.family, g3.qk_norm, g3.tie_word_embeddings, g3.sliding_window) == ("gemma", True, True, 512)
+    assert [i for i, t in enumerate(g3.layer_types) if t == "full_attention"] == [5, 11, 17, 23]
+    assert (g3.rope_theta, g3.gemma.local_rope_theta, g3.gemma.query_pre_attn_scalar) == (1e6, 1e4, 256)
+    assert g3.gemma.attn_logit_softcapping is None and g3.gemma.final_logit_softcapping is None
+    g2 = spec_from_config(GEMMA2_9B)
+    assert g2.layer_types[:4] == ("sliding_attention", "full_attention") * 2 and not g2.qk_norm
+    assert (g2.gemma.attn_logit_softcapping, g2.gemma.final_logit_softcapping, g2.gemma.local_rope_theta) == (
+        50.0, 30.0, None)
+    # the windowed half of Gemma 2's layers: with a 4096-token window a pool sized for 256 running
+    # requests is larger than what the full charge holds, so the plan keeps the full charge
+    cost, devices = cost_model(g2), resolve_devices("H100", None, 2)
+    pool = WindowPool.for_scheduler(4096, 8192, 256, 2048, 2)
+    assert make_plan(cost, devices, window_pool=pool).max_total_num_tokens == make_plan(
+        cost, devices).max_total_num_tokens
+
+
+def test_gemma_with_another_activation_is_a_user_error():
+    from pipesplit.errors import UserError
+    from pipesplit.planner.spec import spec_from_config
+
+    with pytest.raises(UserError, match="hidden_activation"):
+        spec_from_config({**GEMMA2_9B, "hidden_activation": "silu"})
