@@ -98,6 +98,26 @@ def stage_speeds(devices: Sequence[Device]) -> tuple[float, ...]:
     return tuple(speeds)
 
 
+@dataclass(frozen=True)
+class WindowPool:
+    """The sliding-window pool a runtime gives its windowed layers: `slots` (`window_pool_slots`
+    of its scheduler limits) and the most tokens it lets a pipeline of windowed layers only hold."""
+
+    slots: int
+    token_limit: int
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or self.token_limit < 1:
+            raise ValueError(f"a window pool needs positive slots and token_limit, got {self.slots} and "
+                             f"{self.token_limit}")
+
+    @classmethod
+    def for_scheduler(cls, window: int, max_position_embeddings: int, max_running_requests: int,
+                      max_batch_tokens: int, micro_batches: int) -> "WindowPool":
+        slots = window_pool_slots(window, max_running_requests, max_batch_tokens, micro_batches)
+        return cls(slots, max_running_requests * max_position_embeddings)
+
+
 def split_problem(
     cost: CostModel,
     usable: Sequence[int],
@@ -120,25 +140,6 @@ def split_problem(
         window_slots=window_pool.slots if windowed else 0,
         token_limit=window_pool.token_limit if windowed else 0,
     )
-
-
-@dataclass(frozen=True)
-class WindowPool:
-    """The sliding-window pool a runtime gives its windowed layers: `slots` (`window_pool_slots`
-    of its scheduler limits) and the most tokens it lets a pipeline of windowed layers only hold."""
-
-    slots: int
-    token_limit: int
-
-    def __post_init__(self) -> None:
-        if self.slots < 1 or self.token_limit < 1:
-            raise ValueError(f"a window pool needs positive slots and token_limit, got {self.slots}, {self.token_limit}")
-
-    @classmethod
-    def for_scheduler(cls, window: int, max_position_embeddings: int, max_running_requests: int,
-                      max_batch_tokens: int, micro_batches: int) -> "WindowPool":
-        slots = window_pool_slots(window, max_running_requests, max_batch_tokens, micro_batches)
-        return cls(slots, max_running_requests * max_position_embeddings)
 
 
 def _plan_for_order(

@@ -174,7 +174,8 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     each byte holds two FP4 values (low nibble first) of a 32-element block along `in`, and the
     block's scale byte is a power of two, 2 ** (scale - 127). The result is transposed to the
     layout the model multiplies with (transformers' GptOssExperts)."""
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.ndim != 4 or blocks.shape[:-1] != scales.shape:
+    uint8 = blocks.dtype == scales.dtype == torch.uint8
+    if not uint8 or blocks.ndim != 4 or blocks.shape[:-1] != scales.shape:
         raise UserError(f"MXFP4 blocks {list(blocks.shape)} ({blocks.dtype}) and scales {list(scales.shape)} "
                         f"({scales.dtype}) do not fit: expected uint8 [E, out, G, 16] and uint8 [E, out, G]")
     lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32)

@@ -93,8 +93,8 @@ class StageReport:
 
 
 MESSAGE_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (NewRequest, SeqStep, StepMessage, RunConfig, StageReport, SamplingParams, Plan, StagePlan,
-                 WindowPool)
+    cls.__name__: cls
+    for cls in (NewRequest, SeqStep, StepMessage, RunConfig, StageReport, SamplingParams, Plan, StagePlan, WindowPool)
 }
 
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pipesplit.planner.partition import KVCapacity, kv_capacity
 from pipesplit.planner.plan import StagePlan
+from pipesplit.planner.spec import ModelSpec
 from pipesplit.runtime.kv_cache import allocate_pools, kv_bytes_per_token_per_layer, window_start
 from pipesplit.runtime.messages import RunConfig, StageReport, StepMessage, decode, encode
 from pipesplit.runtime.sampler import RequestSampler, new_request_sampler, sample_tokens
@@ -207,12 +208,15 @@ def agree_capacity(stage: Stage) -> tuple[KVCapacity, list[StageReport]]:
     rows = [torch.empty_like(row) for _ in range(stage.num_stages)]
     dist.all_gather(rows, row)
     measured = [[int(v) for v in r.cpu()] for r in rows]
-    capacity = stage_capacity(stage.config, stage.spec, stage.kv_bytes, [r[1] for r in measured], [r[3] for r in measured])
+    weights, budgets = [r[1] for r in measured], [r[3] for r in measured]
+    capacity = stage_capacity(stage.config, stage.spec, stage.kv_bytes, weights, budgets)
     reports = [StageReport(r[0], r[1], tokens, r[2] / 1e6, r[3]) for r, tokens in zip(measured, capacity.stage_tokens)]
     return capacity, reports
 
 
-def stage_capacity(config: RunConfig, spec, kv_bytes: int, weight_bytes: list[int], budgets: list[int]) -> KVCapacity:
+def stage_capacity(
+    config: RunConfig, spec: ModelSpec, kv_bytes: int, weight_bytes: list[int], budgets: list[int]
+) -> KVCapacity:
     """The pipeline's KV capacity from each stage's weights and budget, for the plan's layers."""
     ranges = [s.layers for s in config.plan.stages]
     windowed = [sum(spec.layer_types[i] == "sliding_attention" for i in range(a, b)) for a, b in ranges]

@@ -48,7 +48,8 @@ class GemmaRotary(nn.Module):
         full = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_scaling, spec.max_position_embeddings)
         local = full
         if g.local_rope_theta is not None:
-            local = RotaryEmbedding(spec.head_dim, g.local_rope_theta, g.local_rope_scaling, spec.max_position_embeddings)
+            local = RotaryEmbedding(spec.head_dim, g.local_rope_theta, g.local_rope_scaling,
+                                    spec.max_position_embeddings)
         self.tables = {"full_attention": full, "sliding_attention": local}
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

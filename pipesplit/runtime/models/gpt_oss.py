@@ -59,7 +59,8 @@ class GptOssExperts(nn.Module):
         gate_up = torch.addmm(self.gate_up_proj_bias[e], x, self.gate_up_proj[e])
         gate = gate_up[:, 0::2].clamp(max=self.limit)
         up = gate_up[:, 1::2].clamp(-self.limit, self.limit)
-        return torch.addmm(self.down_proj_bias[e], (up + 1) * gate * torch.sigmoid(gate * self.alpha), self.down_proj[e])
+        gated = (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+        return torch.addmm(self.down_proj_bias[e], gated, self.down_proj[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         return route_to_experts(x, weights, experts, self.gate_up_proj.shape[0], self.expert)

@@ -389,7 +389,8 @@ def _eager_attention(
     scores = scores + mask
     if sinks is not None:
         b, kv_heads, rows, _ = scores.shape
-        sink = sinks.to(scores.dtype).view(1, kv_heads, rows // q_len, 1, 1).expand(b, kv_heads, rows // q_len, q_len, 1)
+        n_rep = rows // q_len
+        sink = sinks.to(scores.dtype).view(1, kv_heads, n_rep, 1, 1).expand(b, kv_heads, n_rep, q_len, 1)
         scores = torch.cat((scores, sink.reshape(b, kv_heads, rows, 1)), dim=-1)
     probs = torch.softmax(scores - scores.amax(-1, keepdim=True), dim=-1)
     if sinks is not None:
