@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from moe import run_transformers, workload  # noqa: E402  (bench/moe.py: the same vocabulary size)
 
 from pipesplit import LLM, SamplingParams  # noqa: E402
 from pipesplit.planner.spec import load_spec  # noqa: E402
@@ -40,11 +40,6 @@ MODEL = dict(
 )
 BUDGET_GIB = 0.25
 LIMITS = dict(max_running_requests=64, max_batch_tokens=2048)
-
-
-def workload(n: int, prompt_len: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(MODEL["vocab_size"]) for _ in range(prompt_len)] for _ in range(n)]
 
 
 def make_model(folder: Path, seed: int = 0) -> Path:
@@ -82,22 +77,6 @@ def run_pipesplit(folder: Path, prompts, output_len: int, pp: int) -> dict:
             "token_ids": tokens}
 
 
-def run_transformers(folder: Path, prompts, output_len: int) -> dict:
-    import transformers
-
-    torch.set_num_threads(1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.tensor(prompts)
-    with torch.inference_mode():
-        started = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                             min_new_tokens=output_len, do_sample=False, pad_token_id=0)
-        elapsed = time.perf_counter() - started
-    tokens = out[:, ids.shape[1]:].tolist()
-    produced = sum(map(len, tokens))
-    return {"seconds": elapsed, "output_tokens": produced, "tokens_per_s": produced / elapsed, "token_ids": tokens}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=8)
@@ -116,7 +95,7 @@ def main() -> int:
         runs = {
             "a_pipesplit_pp1": run_pipesplit(folder, prompts, args.output_len, 1),
             "b_pipesplit_pp2": run_pipesplit(folder, prompts, args.output_len, 2),
-            "c_transformers_generate": run_transformers(folder, prompts, args.output_len),
+            "c_transformers_generate": run_transformers(folder, prompts, args.output_len, threads=1),
         }
     for name, pp in (("a_pipesplit_pp1", "pp1"), ("b_pipesplit_pp2", "pp2")):
         assert runs[name]["max_total_num_tokens"] == caps[pp]["max_total_num_tokens_window_pool"]
