@@ -8,6 +8,7 @@ KV capacity ("max_total_num_tokens") of a partition, for the two targets:
 - pipesplit (and vLLM): each stage holds floor((usable_s - weights_s) / (layers_s * kv)) tokens;
   the pipeline holds the minimum over stages.
 - sglang: floor(min_s (usable_s - weights_s) / (kv * max_s layers_s)), SGLang's rule.
+With sliding-window layers and a window pool (pipesplit target), `kv_capacity` below is the rule.
 """
 
 from __future__ import annotations
