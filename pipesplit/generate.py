@@ -87,6 +87,7 @@ def _report(llm, prompts, outputs) -> dict:
         "model": llm.spec.name,
         "partition": list(llm.plan.partition),
         "max_total_num_tokens": llm.max_total_num_tokens,
+        "window_slots": llm.engine.window_slots,
         "outputs": [
             {"prompt": p if isinstance(p, str) else list(p), "token_ids": list(o.token_ids), "text": o.text,
              "finish_reason": o.finish_reason, "cached_tokens": o.num_cached_tokens}

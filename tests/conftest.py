@@ -80,6 +80,28 @@ TINY_MOE_MODELS = {
         rope_parameters=dict(_YARN, mscale=1.0, mscale_all_dim=1.0), **_MLA), "400KB"),
 }
 
+# Sliding-window families: windows shorter than the test prompts, so the window matters. gpt-oss:
+# layers alternate sliding / full, sinks, q/k/v/o and router biases, clamped SwiGLU, YaRN rope.
+TINY_WINDOW_MODELS = {
+    "gpt_oss": ("GptOssConfig", dict(num_hidden_layers=4, head_dim=16, num_local_experts=6, num_experts_per_tok=2,
+                                     sliding_window=4, swiglu_limit=1.5,
+                                     rope_parameters=dict(_YARN, truncate=False, rope_theta=150000.0)), None),
+    # every layer windowed (Mistral's sliding_window)
+    "mistral_window": ("MistralConfig", dict(num_hidden_layers=4, sliding_window=5, head_dim=16), None),
+    # Qwen2's use_sliding_window: layers from max_window_layers on are windowed
+    "qwen2_window": ("Qwen2Config", dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=3,
+                                         max_window_layers=1, tie_word_embeddings=False), None),
+    # local / global alternating, attention and final soft-capping (low caps, so that they bite),
+    # pre- and post-norms, scaled embeddings, query_pre_attn_scalar other than head_dim
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=4, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0), None),
+    # every third layer global, q/k norms, local rope theta 10k and global 1M with linear scaling
+    "gemma3": ("Gemma3TextConfig", dict(
+        num_hidden_layers=5, head_dim=16, sliding_window=4, query_pre_attn_scalar=16, sliding_window_pattern=3,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}), None),
+}
+
 # the unquantized model behind the FP8 fixture: dims above 128 and no multiple of it (160, 152,
 # 200, 136) so that block scales cover partial blocks; no MTP module
 TINY_FP8_BASE = {
@@ -97,7 +119,7 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    config_class, overrides, shard = {**TINY_MODELS, **TINY_MOE_MODELS, **TINY_FP8_BASE}[name]
+    config_class, overrides, shard = {**TINY_MODELS, **TINY_MOE_MODELS, **TINY_WINDOW_MODELS, **TINY_FP8_BASE}[name]
     config = getattr(transformers, config_class)(**{**_COMMON, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -143,6 +165,13 @@ def tiny_moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
     folders = {name: make_tiny_checkpoint(name, root / name) for name in TINY_MOE_MODELS}
     add_mtp_tensors(folders["deepseek_v3"])
     return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_window_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every tiny sliding-window model, saved once per session: name -> folder."""
+    root = tmp_path_factory.mktemp("tiny_window")
+    return {name: make_tiny_checkpoint(name, root / name) for name in TINY_WINDOW_MODELS}
 
 
 @pytest.fixture(scope="session")
@@ -232,3 +261,63 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- MXFP4 (gpt-oss experts) ------------------------------------------------------------------------
+MXFP4_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def quantize_mxfp4(weight):
+    """(blocks uint8 [E, out, G, 16], scales uint8 [E, out, G]) of an expert weight [E, in, out], in
+    the published gpt-oss layout: 32-element blocks along `in`, two e2m1 nibbles per byte (low
+    first), one power-of-two scale per block (stored as exponent + 127) chosen so that the
+    block's largest magnitude maps into [3, 6]; every value rounds to the nearest e2m1 value."""
+    import torch
+
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    rows = weight.transpose(1, 2)  # [E, out, in]
+    e, out, in_ = rows.shape
+    tiles = rows.reshape(e, out, in_ // 32, 32)
+    exponent = torch.ceil(torch.log2(tiles.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+    scaled = tiles / torch.exp2(exponent)[..., None]
+    magnitude = (scaled.abs()[..., None] - grid).abs().argmin(-1)  # nearest grid point, 0..7
+    nibble = (magnitude | ((scaled < 0).long() << 3)).to(torch.uint8)
+    blocks = nibble[..., 0::2] | (nibble[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_mxfp4_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A gpt-oss checkpoint with its experts in MXFP4 ("mxfp4": `*_blocks` + `*_scales` and the
+    published quantization_config) and its unquantized twin ("dequantized": the same model with
+    the expert weights replaced by the values the blocks encode, dequantized by transformers'
+    own MXFP4 integration)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    root = tmp_path_factory.mktemp("tiny_mxfp4")
+    original = make_tiny_checkpoint("gpt_oss", root / "original")
+    tensors = load_file(original / "model.safetensors")
+    packed, twin = dict(tensors), dict(tensors)
+    for name in [n for n in tensors if n.endswith(MXFP4_EXPERT_WEIGHTS)]:
+        blocks, scales = quantize_mxfp4(tensors[name])
+        del packed[name]
+        packed[f"{name}_blocks"], packed[f"{name}_scales"] = blocks, scales
+        twin[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).contiguous()
+    config = json.loads((original / "config.json").read_text())
+    quantization = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    folders = {"original": original}
+    for kind, weights, written in (("mxfp4", packed, {**config, "quantization_config": quantization}),
+                                   ("dequantized", twin, config)):
+        folder = root / kind
+        folder.mkdir()
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(written, indent=2))
+        shutil.copy(original / "generation_config.json", folder / "generation_config.json")
+        folders[kind] = folder
+    return folders

@@ -45,6 +45,7 @@ class CostModel:
     # experts count top_k / num_experts of theirs; attention over the context is left out).
     layer_flops_per_token: tuple[int, ...] = ()
     head_flops_per_token: int = 0
+    window_layers: tuple[bool, ...] = ()  # per layer: sliding-window attention (keeps only its window)
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,7 @@ class _Inventory:
         p = f"model.layers.{layer}"
         t = self.vector(f"{p}.input_layernorm.weight", s.hidden_size)
         t += self.vector(f"{p}.post_attention_layernorm.weight", s.hidden_size)
-        if s.sandwich_norms:
+        if s.gemma is not None:  # norms around the MLP too
             t += self.vector(f"{p}.pre_feedforward_layernorm.weight", s.hidden_size)
             t += self.vector(f"{p}.post_feedforward_layernorm.weight", s.hidden_size)
         t += self.attention(f"{p}.self_attn")
@@ -381,6 +382,7 @@ def cost_model(spec: ModelSpec, tp: int = 1, kv_dtype: str = "auto", mtp: bool =
         kv_bytes_per_token_per_layer=kv_bytes_per_token(spec, tp, kv_dtype),
         layer_flops_per_token=tuple(_flops_per_token(spec, logical.layer(i)) for i in range(spec.num_layers)),
         head_flops_per_token=_flops_per_token(spec, logical.head()),
+        window_layers=tuple(t == "sliding_attention" for t in spec.layer_types),
     )
 
 

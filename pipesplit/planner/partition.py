@@ -11,6 +11,7 @@ KV capacity ("max_total_num_tokens") of a partition, for the two targets:
 With an engine's KV allocator (SplitProblem.kv_allocator) a stage's "layers_s * kv" becomes the
 bytes that engine allocates per token for the stage's layers: vLLM's hybrid KV groups or SGLang's
 SWA pool for sliding-window layers, and tokens round down to its page (block) size.
+With sliding-window layers and a window pool (pipesplit target), `kv_capacity` below is the rule.
 """
 
 from __future__ import annotations
@@ -29,6 +30,88 @@ ATTENTION_KINDS = ("full", "sliding")
 def stage_kv_tokens(usable_bytes: int, weight_bytes: int, num_layers: int, kv_bytes_per_token_per_layer: int) -> int:
     """floor(max(0, usable - weights) / (num_layers * kv)): the KV tokens one stage can hold."""
     return max(0, usable_bytes - weight_bytes) // (num_layers * kv_bytes_per_token_per_layer)
+
+
+# -- sliding-window layers ----------------------------------------------------------------------
+# A layer with a window keeps only the last `window` tokens of each sequence, in a pool of its
+# own (`window_slots` slots, the same on every stage). Between steps a running request keeps
+# window - 1 of them (what its next token sees); a step adds its new tokens first. So with at
+# most R running requests and M micro-batches of at most B tokens in flight, R * (window - 1) +
+# M * B window slots are never exhausted (`window_pool_slots`). The pipeline then holds
+#   A) the full charge: every layer a slot per token (a window pool as large as the token pool), or
+#   B) a window pool of `window_slots` slots, and per stage (usable - weights - window layers *
+#      kv * window_slots) / (full layers * kv) tokens for its full-attention layers,
+# whichever holds more tokens (`kv_capacity`); max-kv maximises over both, so it stays exact.
+
+
+def window_pool_slots(window: int, max_running_requests: int, max_batch_tokens: int, micro_batches: int) -> int:
+    """Slots the sliding-window pool needs so that it is never the one that runs out."""
+    for name, value in (("window", window), ("max_running_requests", max_running_requests),
+                        ("max_batch_tokens", max_batch_tokens), ("micro_batches", micro_batches)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    return max_running_requests * (window - 1) + micro_batches * max_batch_tokens
+
+
+def windowed_stage_kv_tokens(
+    usable_bytes: int,
+    weight_bytes: int,
+    full_layers: int,
+    window_layers: int,
+    kv_bytes_per_token_per_layer: int,
+    window_slots: int,
+    token_limit: int,
+) -> int:
+    """Tokens one stage holds for its full-attention layers once its windowed layers have their
+    `window_slots`; a stage of windowed layers only is not bounded by tokens: it gives
+    `token_limit` (0 when its window pool does not fit)."""
+    free = usable_bytes - weight_bytes - window_layers * kv_bytes_per_token_per_layer * window_slots
+    if free < 0:
+        return 0
+    if not full_layers:
+        return token_limit
+    return free // (full_layers * kv_bytes_per_token_per_layer)
+
+
+@dataclass(frozen=True)
+class KVCapacity:
+    """What the stages hold: tokens per stage, the pipeline's max_total_num_tokens, and the slots
+    of the sliding-window pool (0: no windowed layers)."""
+
+    stage_tokens: tuple[int, ...]
+    max_total_num_tokens: int
+    window_slots: int
+
+
+def kv_capacity(
+    usable_bytes: Sequence[int],
+    weight_bytes: Sequence[int],
+    full_layers: Sequence[int],
+    window_layers: Sequence[int],
+    kv_bytes_per_token_per_layer: int,
+    window_slots: int = 0,
+    token_limit: int = 0,
+) -> KVCapacity:
+    """The KV capacity of a pipeline, stage by stage: the one rule of the planner (pipesplit
+    target) and of the runtime (from its measured weights). window_slots: the window pool that
+    never runs out (`window_pool_slots`), 0 to charge windowed layers in full; token_limit: the
+    tokens a pipeline of windowed layers only may hold."""
+    kv = kv_bytes_per_token_per_layer
+    stages = list(zip(usable_bytes, weight_bytes, full_layers, window_layers))
+    full_charge = tuple(stage_kv_tokens(u, w, f + n, kv) for u, w, f, n in stages)
+    tokens = min(full_charge)
+    if not any(window_layers):
+        return KVCapacity(full_charge, tokens, 0)
+    best = KVCapacity(full_charge, tokens, tokens)
+    if window_slots:
+        pooled = [windowed_stage_kv_tokens(u, w, f, n, kv, window_slots, token_limit) for u, w, f, n in stages]
+        bounded = [t for t, f in zip(pooled, full_layers) if f or not t]  # stages whose tokens are bounded
+        pooled_tokens = min(bounded) if bounded else token_limit
+        if pooled_tokens > tokens:
+            # a stage of windowed layers only holds whatever the others hold
+            pooled = [t if f or not t else max(t, pooled_tokens) for t, f in zip(pooled, full_layers)]
+            best = KVCapacity(tuple(pooled), pooled_tokens, window_slots)
+    return best
 
 
 @dataclass(frozen=True)
@@ -55,9 +138,18 @@ class SplitProblem:
     kv_allocator: str = "uniform"
     swa_full_tokens_ratio: float = 0.8
     page_size: int = 1
+    # Sliding-window layers (pipesplit target): which layers have a window, the window pool's
+    # slots (0: windowed layers charged in full) and the token limit of windowed-only pipelines.
+    window_layers: tuple[bool, ...] = ()
+    window_slots: int = 0
+    token_limit: int = 0
 
     def __post_init__(self) -> None:
         check_stage_count(len(self.layer_weight_bytes), len(self.usable_bytes))
+        if self.window_layers and len(self.window_layers) != len(self.layer_weight_bytes):
+            raise ValueError("window_layers needs one entry per layer")
+        if self.window_slots < 0 or (self.window_slots and self.token_limit < 1):
+            raise ValueError("window_slots must not be negative, and a window pool needs a positive token_limit")
         if len(self.stage_extra_bytes) != len(self.usable_bytes):
             raise ValueError("stage_extra_bytes needs one entry per stage")
         if self.layer_flops and len(self.layer_flops) != len(self.layer_weight_bytes):
@@ -176,11 +268,12 @@ class Evaluation:
     stage_weight_bytes: tuple[int, ...]
     stage_tokens: tuple[int, ...]
     stage_shortfall_bytes: tuple[int, ...]  # > 0: bytes missing to hold the weights and one token
+    window_slots: int = 0  # slots of the sliding-window pool (0: none)
 
 
 def evaluate(problem: SplitProblem, partition: Sequence[int]) -> Evaluation:
     """Weights, KV tokens per stage and the pipeline's max_total_num_tokens under problem.target."""
-    weights = _Weights(problem)
+    weights, windows = _Weights(problem), _WindowLayers(problem)
     ranges = stage_ranges(partition)
     cells = [problem.stage_kv_cell(a, b) for a, b in ranges]
     if problem.target == "sglang":  # every rank divides by the largest stage's KV per token
@@ -191,10 +284,16 @@ def evaluate(problem: SplitProblem, partition: Sequence[int]) -> Evaluation:
         stage_w.append(w)
         tokens.append(problem.tokens_for_cell(problem.usable_bytes[s] - w, cell))
         shortfall.append(w + _ceil(cell * problem.page_size) - problem.usable_bytes[s])
-    capacity = min(tokens)
+    capacity, window_slots = min(tokens), 0
+    if problem.target == "pipesplit" and problem.window_slots:
+        windowed = [windows.count(a, b) for a, b in ranges]
+        result = kv_capacity(problem.usable_bytes, stage_w, [b - a - n for (a, b), n in zip(ranges, windowed)],
+                             windowed, problem.kv_bytes_per_token_per_layer, problem.window_slots,
+                             problem.token_limit)
+        tokens, capacity, window_slots = list(result.stage_tokens), result.max_total_num_tokens, result.window_slots
     fits = capacity > 0
     binding = tokens.index(capacity) if fits else shortfall.index(max(shortfall))
-    return Evaluation(capacity, fits, binding, tuple(stage_w), tuple(tokens), tuple(shortfall))
+    return Evaluation(capacity, fits, binding, tuple(stage_w), tuple(tokens), tuple(shortfall), window_slots)
 
 
 def _ceil(x: int | Fraction) -> int:
@@ -212,6 +311,21 @@ class _Weights:
 
     def stage(self, s: int, a: int, b: int) -> int:
         return self.prefix[b] - self.prefix[a] + self.extra[s]
+
+
+_UNBOUNDED = 1 << 62  # a stage's tokens when nothing it holds grows with them
+
+
+class _WindowLayers:
+    """Windowed layers in [a, b) in O(1) from prefix sums."""
+
+    def __init__(self, problem: SplitProblem) -> None:
+        self.prefix = [0]
+        for windowed in problem.window_layers or (False,) * problem.num_layers:
+            self.prefix.append(self.prefix[-1] + bool(windowed))
+
+    def count(self, a: int, b: int) -> int:
+        return self.prefix[b] - self.prefix[a]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +439,20 @@ def _max_kv_pipesplit(problem: SplitProblem) -> tuple[int, ...]:
         return problem.stage_tokens(usable[s] - weights.stage(s, a, b), a, b)
 
     best = _bottleneck(P, L, tokens, L)
+    if problem.window_slots and any(problem.window_layers):
+        # the window pool (case B of kv_capacity) where it beats the full charge of every partition
+        windows = _WindowLayers(problem)
+
+        def pooled(s: int, a: int, b: int) -> int:
+            n = windows.count(a, b)
+            t = windowed_stage_kv_tokens(usable[s], weights.stage(s, a, b), b - a - n, n,
+                                         problem.kv_bytes_per_token_per_layer, problem.window_slots,
+                                         problem.token_limit)
+            return t if t == 0 or n < b - a else _UNBOUNDED  # windowed layers only: no token bound
+
+        best_pooled = _bottleneck(P, L, pooled, L)
+        if (problem.token_limit if best_pooled == _UNBOUNDED else best_pooled) > best:
+            return _tie_break(problem, lambda s, a, b: pooled(s, a, b) >= best_pooled)
     if best == 0:
         return _max_slack(problem)
     return _tie_break(problem, lambda s, a, b: tokens(s, a, b) >= best)

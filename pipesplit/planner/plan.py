@@ -25,6 +25,7 @@ from pipesplit.planner.partition import (
     partition_for,
     stage_kv_tokens,
     stage_ranges,
+    window_pool_slots,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "stage_extra_bytes",
     "EXPLICIT",
     "MAX_REORDERS",
+    "WindowPool",
 ]
 
 EXPLICIT = "explicit"
@@ -80,6 +82,7 @@ class Plan:
     stages: tuple[StagePlan, ...]
     engine: str = "pipesplit"
     memory_fraction: float = 0.9  # the fraction the engine uses (its flag or its default)
+    window_slots: int = 0  # slots of the sliding-window layers' own pool (0: none, or charged in full)
 
 
 def stage_extra_bytes(cost: CostModel, num_stages: int) -> tuple[int, ...]:
@@ -101,11 +104,38 @@ def stage_speeds(devices: Sequence[Device]) -> tuple[float, ...]:
     return tuple(speeds)
 
 
+@dataclass(frozen=True)
+class WindowPool:
+    """The sliding-window pool a runtime gives its windowed layers: `slots` (`window_pool_slots`
+    of its scheduler limits) and the most tokens it lets a pipeline of windowed layers only hold."""
+
+    slots: int
+    token_limit: int
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or self.token_limit < 1:
+            raise ValueError(f"a window pool needs positive slots and token_limit, got {self.slots} and "
+                             f"{self.token_limit}")
+
+    @classmethod
+    def for_scheduler(cls, window: int, max_position_embeddings: int, max_running_requests: int,
+                      max_batch_tokens: int, micro_batches: int) -> "WindowPool":
+        slots = window_pool_slots(window, max_running_requests, max_batch_tokens, micro_batches)
+        return cls(slots, max_running_requests * max_position_embeddings)
+
+
 def split_problem(
-    cost: CostModel, usable: Sequence[int], target: str = "pipesplit", speeds: Sequence[float] = (), **layout
+    cost: CostModel,
+    usable: Sequence[int],
+    target: str = "pipesplit",
+    speeds: Sequence[float] = (),
+    window_pool: WindowPool | None = None,
+    **layout,
 ) -> SplitProblem:
-    """The partition problem; layout: the engine's KV allocator (see engines.kv_layout)."""
+    """The partition problem; layout: the engine's KV allocator (see engines.kv_layout); window_pool:
+    the runtime's sliding-window pool (pipesplit target)."""
     num_stages = len(usable)
+    windowed = window_pool is not None and any(cost.window_layers)
     return SplitProblem(
         layer_weight_bytes=tuple(cost.layer_weight_bytes),
         usable_bytes=tuple(usable),
@@ -115,6 +145,9 @@ def split_problem(
         layer_flops=tuple(cost.layer_flops_per_token),
         stage_extra_flops=(0,) * (num_stages - 1) + (cost.head_flops_per_token,) if cost.layer_flops_per_token else (),
         stage_speed=tuple(speeds),
+        window_layers=tuple(cost.window_layers),
+        window_slots=window_pool.slots if windowed else 0,
+        token_limit=window_pool.token_limit if windowed else 0,
         **layout,
     )
 
@@ -128,6 +161,7 @@ def _plan_for_order(
     mem_fraction: float,
     reserve_gib: float,
     engine: EngineModel | None = None,
+    window_pool: WindowPool | None = None,
 ) -> Plan:
     if engine is None:
         usable = [usable_bytes(d.capacity_bytes, mem_fraction, reserve_gib) for d in devices]
@@ -136,7 +170,7 @@ def _plan_for_order(
         usable = [o.usable for o in engine.overheads(tuple(devices), mem_fraction, reserve_gib)]
         layout, fraction = engine.layout(), engine.fraction(tuple(devices), mem_fraction)
     target = layout.pop("target")
-    problem = split_problem(cost, usable, target, stage_speeds(devices), **layout)
+    problem = split_problem(cost, usable, target, stage_speeds(devices), window_pool, **layout)
     num_layers, num_stages = problem.num_layers, problem.num_stages
     partition = partition_for(choice, num_layers, num_stages, problem)
     result = evaluate(problem, partition)
@@ -170,6 +204,7 @@ def _plan_for_order(
         stages=stages,
         engine=engine.engine if engine is not None else "pipesplit",
         memory_fraction=fraction,
+        window_slots=result.window_slots,
     )
 
 
@@ -190,11 +225,13 @@ def make_plan(
     reserve_gib: float = DEFAULT_RESERVE_GIB,
     model: str = "",
     engine: EngineModel | None = None,
+    window_pool: WindowPool | None = None,
 ) -> Plan:
     """The plan for one strategy (default max-kv) or an explicit partition on these devices.
 
     With reorder, every distinct order of the devices is tried and the best kept (most KV tokens;
-    when nothing fits, the least shortfall); the given order wins ties.
+    when nothing fits, the least shortfall); the given order wins ties. window_pool: the runtime's
+    sliding-window pool (pipesplit target); None charges windowed layers a full KV cache.
     """
     check_target(target)
     num_layers, num_stages = len(cost.layer_weight_bytes), len(devices)
@@ -210,7 +247,7 @@ def make_plan(
     best: Plan | None = None
     best_key = None
     for order in orders:
-        plan = _plan_for_order(model, cost, order, choice, target, mem_fraction, reserve_gib, engine)
+        plan = _plan_for_order(model, cost, order, choice, target, mem_fraction, reserve_gib, engine, window_pool)
         key = (plan.max_total_num_tokens, -_shortfall(plan, cost))
         if best_key is None or key > best_key:
             best, best_key = plan, key

@@ -29,10 +29,9 @@ FAMILIES = {
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
     "gpt_oss": "gpt_oss",
-    # planned, not run yet (the runtime's registry says so)
     "gemma2": "gemma",
     "gemma3_text": "gemma",
-    "glm4_moe": "glm4_moe",
+    "glm4_moe": "glm4_moe",  # planned, not run yet (the runtime's registry says so)
 }
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -103,6 +102,9 @@ class MoESpec:
     score_correction_bias: bool = False  # router `e_score_correction_bias` (noaux_tc)
     router_bias: bool = False  # gpt-oss router has a bias
     expert_bias: bool = False  # gpt-oss experts have biases
+    # gpt-oss's clamped SwiGLU: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
 
     def __post_init__(self) -> None:
         _positive("num_experts", self.num_experts)
@@ -124,6 +126,10 @@ class MoESpec:
             raise UserError(f"n_group ({self.n_group}) must divide the number of experts ({self.num_experts})")
         if not 0 < self.topk_group <= self.n_group:
             raise UserError(f"topk_group ({self.topk_group}) must be between 1 and n_group ({self.n_group})")
+        if (self.swiglu_alpha is None) != (self.swiglu_limit is None):
+            raise UserError("the clamped SwiGLU needs both swiglu_alpha and swiglu_limit")
+        if self.swiglu_limit is not None and self.swiglu_limit <= 0:
+            raise UserError(f"swiglu_limit must be positive, got {self.swiglu_limit}")
 
 
 @dataclass(frozen=True)
@@ -153,13 +159,32 @@ class MLASpec:
 
 
 @dataclass(frozen=True)
+class GemmaSpec:
+    """Gemma 2 / 3 specifics: scores scaled by query_pre_attn_scalar ** -0.5 and optionally
+    soft-capped (c * tanh(x / c)), final logits likewise; Gemma 3's local (sliding) layers rotate
+    with their own rope theta and scaling (None: the global rope)."""
+
+    query_pre_attn_scalar: float
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "local_rope_theta"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise UserError(f"config key {key!r} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """The architecture facts pipesplit needs, validated at construction."""
 
     name: str
     model_type: str  # the supported type the config was read as (kimi_k2 -> deepseek_v3)
     architecture: str
-    family: str  # runtime model registry key: llama | mixtral | deepseek | gpt_oss
+    family: str  # runtime model registry key: llama | mixtral | deepseek | gpt_oss | gemma
     vocab_size: int
     hidden_size: int
     num_layers: int  # decoder layers that get split; MTP layers not included
@@ -178,12 +203,12 @@ class ModelSpec:
     o_proj_bias: bool = False  # llama with attention_bias, gpt-oss
     mlp_bias: bool = False  # llama mlp_bias: biases on gate/up/down
     attention_sinks: bool = False  # gpt-oss: one learned sink logit per head
-    sandwich_norms: bool = False  # gemma: pre/post feed-forward norms beside the two usual ones
     mlp_kinds: tuple[str, ...] = ()  # per decoder layer: "dense" | "moe"; empty means all dense
     layer_types: tuple[str, ...] = ()  # per decoder layer: full_attention | sliding_attention
     sliding_window: int | None = None
     moe: MoESpec | None = None
     mla: MLASpec | None = None
+    gemma: GemmaSpec | None = None
     num_mtp_layers: int = 0  # DeepSeek NextN modules, stored as model.layers.{num_layers + i}
     mtp_mlp_kinds: tuple[str, ...] = ()  # MLP kind of each MTP module's decoder layer
     bos_token_id: int | None = None
@@ -381,17 +406,56 @@ def _layer_types_of(cfg: _Config, model_type: str, num_layers: int) -> tuple[tup
         types = tuple(given)
     elif model_type in ("mistral", "mixtral") and window:
         types = ("sliding_attention",) * num_layers
-    elif model_type == "gemma2":  # transformers Gemma2: even layers slide
-        types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers))
-    elif model_type == "gemma3_text":  # every sliding_window_pattern-th layer is global
+    elif model_type == "gemma2":  # local and global layers alternate, local first
+        types = tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers))
+    elif model_type == "gemma3_text":  # every sliding_window_pattern-th layer global
         pattern = cfg.positive("sliding_window_pattern", 6)
-        types = tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers))
+        types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
     elif model_type.startswith("qwen") and window and cfg.config.get("use_sliding_window"):
         first = cfg.get("max_window_layers", int, num_layers)
         types = tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
     else:
         types = ("full_attention",) * num_layers
     return types, (window if "sliding_attention" in types else None)
+
+
+GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
+
+
+def _gemma(cfg: _Config, model_type: str, rope_theta: float, rope_scaling: dict | None):
+    """(GemmaSpec, global rope theta, global rope scaling): Gemma 3's two ropes come as
+    rope_parameters per layer type (transformers 5) or as rope_theta + rope_local_base_freq."""
+    activation = cfg.config.get("hidden_activation") or cfg.config.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation not in GEMMA_ACTIVATIONS:
+        raise UserError(f"config key 'hidden_activation' must be gelu_pytorch_tanh for gemma, got {activation!r}")
+    local_theta = local_scaling = None
+    if model_type == "gemma3_text":
+        params = cfg.config.get("rope_parameters")
+        if isinstance(params, dict) and "full_attention" in params:
+            rope_theta, rope_scaling = _rope_pair(params["full_attention"], 1_000_000.0)
+            local_theta, local_scaling = _rope_pair(params.get("sliding_attention") or {}, 10_000.0)
+        else:
+            local_theta = float(cfg.get("rope_local_base_freq", (int, float), 10_000.0))
+    softcap = lambda key: cfg.get(key, (int, float, type(None)), None)  # noqa: E731
+    gemma = GemmaSpec(
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", (int, float), 256)),
+        attn_logit_softcapping=softcap("attn_logit_softcapping"),
+        final_logit_softcapping=softcap("final_logit_softcapping"),
+        local_rope_theta=local_theta,
+        local_rope_scaling=local_scaling,
+    )
+    return gemma, rope_theta, rope_scaling
+
+
+def _rope_pair(params: dict, default_theta: float) -> tuple[float, dict | None]:
+    """(theta, scaling or None) of one rope_parameters entry."""
+    if not isinstance(params, dict):
+        raise UserError(f"rope_parameters entries must be dicts, got {params!r}")
+    theta = params.get("rope_theta", default_theta)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise UserError(f"rope_parameters rope_theta must be a positive number, got {theta!r}")
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return float(theta), (scaling if scaling.get("rope_type", "default") != "default" else None)
 
 
 def _head_dim_of(cfg: _Config, hidden: int, heads: int) -> int:
@@ -551,6 +615,8 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
             norm_topk_prob=True,
             router_bias=True,
             expert_bias=True,
+            swiglu_alpha=cfg.get("swiglu_alpha", float, 1.702),
+            swiglu_limit=cfg.get("swiglu_limit", float, 7.0),
         )
         mlp_kinds = ("moe",) * num_layers
         attention_bias = o_proj_bias = cfg.get("attention_bias", bool, True)
@@ -560,6 +626,10 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
     elif model_type == "glm4_moe":  # DeepSeek-V3's MoE and MTP layout with GQA attention (q/k/v biases)
         moe, mlp_kinds, mtp_kinds = _glm4_moe(cfg, num_layers, num_mtp)
         attention_bias = cfg.get("attention_bias", bool, False)
+    gemma = None
+    if model_type.startswith("gemma"):
+        gemma, rope_theta, rope_scaling = _gemma(cfg, model_type, rope_theta, rope_scaling)
+        o_proj_bias = attention_bias
 
     return ModelSpec(
         name=name or str(config.get("_name_or_path") or model_type),
@@ -585,12 +655,12 @@ def spec_from_config(config: dict, name: str = "") -> ModelSpec:
         o_proj_bias=o_proj_bias,
         mlp_bias=mlp_bias,
         attention_sinks=model_type == "gpt_oss",
-        sandwich_norms=model_type.startswith("gemma"),
         mlp_kinds=mlp_kinds,
         layer_types=layer_types,
         sliding_window=window,
         moe=moe,
         mla=mla,
+        gemma=gemma,
         num_mtp_layers=num_mtp,
         mtp_mlp_kinds=mtp_kinds,
         bos_token_id=bos,

@@ -184,17 +184,22 @@ class Engine:
     def start(self) -> None:
         import torch
 
-        from pipesplit.runtime.kv_cache import SlotAllocator
+        from pipesplit.runtime.kv_cache import SlotAllocator, WindowSlots
         from pipesplit.runtime.prefix_cache import PrefixCache
         from pipesplit.runtime.stage import start_stage
 
         self._torch = torch
-        self.stage, self.capacity, self.reports, self.link = start_stage(
+        self.stage, capacity, self.reports, self.link = start_stage(
             encode(self.config), self.config.device, init_method=self._init_method, world=self.num_stages
         )
+        self.capacity, self.window_slots = capacity.max_total_num_tokens, capacity.window_slots
         self.allocator = SlotAllocator(self.capacity)
-        cache = PrefixCache() if self.scheduler_config.prefix_caching else None
-        self.scheduler = Scheduler(self.scheduler_config, self.allocator, cache)
+        windows = WindowSlots(self.stage.spec.sliding_window, self.window_slots) if self.window_slots else None
+        # A window pool keeps no K/V of a prefix's last window positions once they slide out, so a
+        # cached prefix could not be resumed: prefix caching is off for models with one.
+        self.prefix_caching = self.scheduler_config.prefix_caching and windows is None
+        cache = PrefixCache() if self.prefix_caching else None
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator, cache, windows)
         self.max_context = min(self.stage.spec.max_position_embeddings, self.capacity)
         self._inflight: collections.deque[_InFlight] = collections.deque()
         self._thread = threading.Thread(target=self._run, daemon=True, name="pipesplit-engine")
@@ -481,7 +486,7 @@ class LLM:
         log: bool = True,
     ) -> None:
         from pipesplit.runtime.loader import resolve_model
-        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan
+        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan, window_pool_for
         from pipesplit.runtime.tokenizer import load_tokenizer
 
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -501,10 +506,6 @@ class LLM:
             self.tokenizer = load_tokenizer(self.source)
         except UserError:
             self.tokenizer = None  # a checkpoint without tokenizer files still runs on token ids
-        budgets = budgets_for(self.spec, pp, device, mem_budget_gib, mem_fraction)
-        self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp)
-        cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
-        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp)
         scheduler_config = SchedulerConfig(
             micro_batches=micro_batches or pp,
             max_batch_tokens=max_batch_tokens,
@@ -512,6 +513,11 @@ class LLM:
             chunked_prefill_size=chunked_prefill_size,
             prefix_caching=enable_prefix_caching,
         )
+        window_pool = window_pool_for(self.spec, max_running_requests, max_batch_tokens, scheduler_config.micro_batches)
+        budgets = budgets_for(self.spec, pp, device, mem_budget_gib, mem_fraction)
+        self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp, window_pool)
+        cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
+        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp, window_pool)
         self._closed = True
         self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
         if self._spawned is not None:
@@ -572,8 +578,15 @@ class LLM:
         lines = [
             f"pipesplit: {self.spec.name} on {len(self.stage_reports)} stage(s), partition "
             f"{','.join(map(str, self.plan.partition))}: max_total_num_tokens {self.max_total_num_tokens} "
-            f"(binding stage {binding.stage}), prefix cache {'on' if self.engine.scheduler_config.prefix_caching else 'off'}"
+            f"(binding stage {binding.stage}), prefix cache {'on' if self.engine.prefix_caching else 'off'}"
         ]
+        if self.engine.window_slots:
+            lines.append(
+                f"pipesplit:   sliding-window layers (window {self.spec.sliding_window}) keep their K/V in a pool of "
+                f"{self.engine.window_slots} slots, released as the windows slide"
+                + ("; prefix caching is off for them (the pool keeps no prefix's window)"
+                   if self.engine.scheduler_config.prefix_caching else "")
+            )
         for plan_stage, r in zip(self.plan.stages, self.stage_reports):
             start, end = plan_stage.layers
             lines.append(

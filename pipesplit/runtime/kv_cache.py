@@ -2,7 +2,9 @@
 
 Every stage holds the same number of token slots, `max_total_num_tokens`, agreed at start-up as
 the minimum of what each stage can hold. A slot index means the same token on every stage, so
-rank 0 allocates and the other stages only follow the indices it sends.
+rank 0 allocates and the other stages only follow the indices it sends. Sliding-window layers
+keep their K/V in a pool of their own (`WindowSlots`), whose slots are released as the window
+slides; they too are allocated by rank 0 and followed by the stages.
 """
 
 from __future__ import annotations
@@ -21,22 +23,28 @@ class SlotAllocator:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1 token, got {capacity}")
         self.capacity = capacity
-        # Pop from the end: low slots are used first, which keeps a small batch's gathers local.
-        self._free = list(range(capacity - 1, -1, -1))
+        # Freed slots are reused last-in first-out; slots never used come in increasing order
+        # after them (lazily, so a large capacity costs nothing). Low slots are used first, which
+        # keeps a small batch's gathers local.
+        self._free: list[int] = []
+        self._fresh = 0
         self._used: set[int] = set()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.capacity - self._fresh
 
     @property
     def num_used(self) -> int:
         return len(self._used)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"asked for {n} KV slots, {len(self._free)} free")
-        slots = [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise MemoryError(f"asked for {n} KV slots, {self.num_free} free")
+        reused = min(n, len(self._free))
+        slots = [self._free.pop() for _ in range(reused)]
+        slots += range(self._fresh, self._fresh + n - reused)
+        self._fresh += n - reused
         self._used.update(slots)
         return slots
 
@@ -46,6 +54,38 @@ class SlotAllocator:
                 raise ValueError(f"slot {slot} freed twice or never allocated")
             self._used.remove(slot)
             self._free.append(slot)
+
+
+def window_start(context_len: int, new_tokens: int, window: int) -> int:
+    """First position a step's queries can see in a sliding-window layer: a sequence keeps its
+    window slots from here on (its new tokens are the last `new_tokens` of `context_len`)."""
+    return max(0, context_len - new_tokens - window + 1)
+
+
+class WindowSlots:
+    """The pool of the sliding-window layers (rank 0): each sequence holds the slots of its last
+    positions only, from `window_start` on; `slide` releases the ones no query will see again.
+
+    The pool is sized so that it is not the one that runs out (planner `window_pool_slots`); the
+    scheduler still checks it before it allocates.
+    """
+
+    def __init__(self, window: int, capacity: int) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1 token, got {window}")
+        self.window = window
+        self.slots = SlotAllocator(capacity)
+
+    def slide(self, held: list[int], first_position: int, context_len: int) -> int:
+        """Frees the front of `held` (positions first_position...) that a step after context_len
+        tokens no longer sees; returns the new first position."""
+        keep_from = window_start(context_len, 0, self.window)
+        drop = keep_from - first_position
+        if drop > 0:
+            self.slots.free(held[:drop])
+            del held[:drop]
+            return keep_from
+        return first_position
 
 
 def allocate_pools(

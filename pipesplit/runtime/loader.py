@@ -101,14 +101,36 @@ class SafetensorsSource(CheckpointSource):
             self._open[path] = safe_open(path, framework="pt", device="cpu")
         return self._open[path]
 
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        if name not in self.weight_map:
-            return None
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file(name).get_slice(name).get_shape())
 
+    def _stored(self, name: str) -> torch.Tensor:
+        """One tensor exactly as the checkpoint stores it (every read of a file goes through here)."""
+        return self._file(name).get_tensor(name)
+
+    def _mxfp4_packed(self, name: str) -> bool:
+        """`name` is stored as MXFP4 `{name}_blocks` + `{name}_scales` (gpt-oss experts)."""
+        return name not in self.weight_map and f"{name}_blocks" in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if self._mxfp4_packed(name):
+            experts, out, groups, half = self._stored_shape(f"{name}_blocks")
+            return (experts, groups * half * 2, out)
+        if name not in self.weight_map:
+            return None
+        return self._stored_shape(name)
+
     def read(self, name: str) -> torch.Tensor:
-        """The stored tensor; a float8 weight with a `weight_scale_inv` beside it comes back dequantized."""
-        tensor = self._file(name).get_tensor(name)
+        """The stored tensor; a float8 weight with a `weight_scale_inv` beside it, and MXFP4
+        `_blocks` + `_scales`, come back dequantized."""
+        if self._mxfp4_packed(name):
+            if self.spec.quantization.method != "mxfp4":
+                raise UserError(f"tensor {name} is stored as MXFP4 blocks but config.json has no mxfp4 "
+                                "quantization_config; fix the config")
+            if f"{name}_scales" not in self.weight_map:
+                raise UserError(f"tensor {name}_blocks has no {name}_scales beside it in {self.path}")
+            return dequantize_mxfp4(self._stored(f"{name}_blocks"), self._stored(f"{name}_scales"))
+        tensor = self._stored(name)
         if tensor.dtype in FLOAT8_DTYPES:
             scale_name = f"{name}_scale_inv"
             if scale_name not in self.weight_map:
@@ -118,7 +140,7 @@ class SafetensorsSource(CheckpointSource):
             if quant.method != "fp8":
                 raise UserError(f"tensor {name} is float8 but config.json has no fp8 quantization_config "
                                 "(quant_method fp8, weight_block_size); fix the config")
-            scale = self._file(scale_name).get_tensor(scale_name)
+            scale = self._stored(scale_name)
             tensor = dequantize_fp8_blocks(tensor, scale, quant.weight_block_size)
         return tensor
 
@@ -141,6 +163,25 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
                         f"{b0}x{b1} blocks (expected {list(expected)})")
     scale = scale_inv.float().repeat_interleave(b0, dim=0)[:out].repeat_interleave(b1, dim=1)[:, :in_]
     return weight.float() * scale
+
+
+# The 16 values of an FP4 (e2m1) nibble: sign bit, 2 exponent bits, 1 mantissa bit.
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 [E, in, out] from MXFP4 blocks uint8 [E, out, G, 16] and scales uint8 [E, out, G]:
+    each byte holds two FP4 values (low nibble first) of a 32-element block along `in`, and the
+    block's scale byte is a power of two, 2 ** (scale - 127). The result is transposed to the
+    layout the model multiplies with (transformers' GptOssExperts)."""
+    uint8 = blocks.dtype == scales.dtype == torch.uint8
+    if not uint8 or blocks.ndim != 4 or blocks.shape[:-1] != scales.shape:
+        raise UserError(f"MXFP4 blocks {list(blocks.shape)} ({blocks.dtype}) and scales {list(scales.shape)} "
+                        f"({scales.dtype}) do not fit: expected uint8 [E, out, G, 16] and uint8 [E, out, G]")
+    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32)
+    values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # [E, out, G, 16, 2]
+    values = values.flatten(-2) * torch.exp2(scales.float() - 127)[..., None]  # [E, out, G, 32]
+    return values.flatten(-2).transpose(1, 2).contiguous()
 
 
 # -- GGUF file -------------------------------------------------------------------------------------

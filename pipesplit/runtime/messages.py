@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from pipesplit.planner.plan import Plan, StagePlan
+from pipesplit.planner.plan import Plan, StagePlan, WindowPool
 from pipesplit.runtime.sampler import SamplingParams
 
 
@@ -33,6 +33,9 @@ class SeqStep:
 
     `cached_slots`, on a request's first step after (re)admission, are the slots of its cached
     prefix: its context starts with them.
+
+    new_window_slots: with sliding-window layers, the window pool's slots of the same new tokens;
+    each stage keeps a sequence's window slots from `kv_cache.window_start` on and drops the rest.
     """
 
     req_id: int
@@ -40,6 +43,7 @@ class SeqStep:
     new_slots: tuple[int, ...]
     sample: bool
     cached_slots: tuple[int, ...] = ()
+    new_window_slots: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class RunConfig:
     mem_fraction: float
     threads: int
     mtp: bool = False
+    window_pool: WindowPool | None = None  # the sliding-window pool's limits (models with windowed layers)
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class StageReport:
 
 
 MESSAGE_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (NewRequest, SeqStep, StepMessage, RunConfig, StageReport, SamplingParams, Plan, StagePlan)
+    cls.__name__: cls
+    for cls in (NewRequest, SeqStep, StepMessage, RunConfig, StageReport, SamplingParams, Plan, StagePlan, WindowPool)
 }
 
 

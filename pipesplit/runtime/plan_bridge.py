@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pipesplit.errors import UserError
 from pipesplit.planner.costs import cost_model
 from pipesplit.planner.hardware import Device
-from pipesplit.planner.plan import Plan, make_plan
+from pipesplit.planner.plan import Plan, WindowPool, make_plan
 from pipesplit.planner.spec import ModelSpec
 
 GiB = 1 << 30
@@ -62,8 +62,10 @@ def runtime_plan(
     dtype: str,
     budgets: Sequence[int],
     mtp: bool = False,
+    window_pool: WindowPool | None = None,
 ) -> Plan:
-    """The plan the stage processes are built from (default strategy: max-kv)."""
+    """The plan the stage processes are built from (default strategy: max-kv); window_pool: the
+    sliding-window pool the runtime gives windowed layers (`window_pool_for`)."""
     cost = cost_model(spec, tp=1, kv_dtype=dtype, mtp=mtp, weight_dtype=dtype)
     devices = [Device("budget", b) for b in budgets]
     return make_plan(
@@ -74,4 +76,15 @@ def runtime_plan(
         mem_fraction=1.0,
         reserve_gib=0.0,
         model=spec.name,
+        window_pool=window_pool,
     )
+
+
+def window_pool_for(
+    spec: ModelSpec, max_running_requests: int, max_batch_tokens: int, micro_batches: int
+) -> WindowPool | None:
+    """The window pool of a runtime with these scheduler limits, or None without windowed layers."""
+    if "sliding_attention" not in spec.layer_types:
+        return None
+    return WindowPool.for_scheduler(spec.sliding_window, spec.max_position_embeddings, max_running_requests,
+                                    max_batch_tokens, micro_batches)

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pipesplit.runtime.kv_cache import SlotAllocator
+from pipesplit.runtime.kv_cache import SlotAllocator, WindowSlots
 from pipesplit.runtime.messages import NewRequest, SeqStep, StepMessage
 from pipesplit.runtime.prefix_cache import Node, PrefixCache
 from pipesplit.runtime.sampler import SamplingParams
@@ -51,6 +51,8 @@ class Request:
     cache_depth: int = 0  # tokens on the path to cache_node
     num_cached_tokens: int | None = None  # prompt tokens found in the cache at its first admission
     unsent_prefix: tuple[int, ...] = ()  # cached slots the stages have not been told of yet
+    window_slots: list[int] = field(default_factory=list)  # sliding-window pool: positions window_first...
+    window_first: int = 0
     num_computed: int = 0
     status: Status = Status.WAITING
     in_flight: bool = False
@@ -97,11 +99,23 @@ class CacheStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: SlotAllocator, cache: PrefixCache | None = None) -> None:
+    """allocator: the token pool; cache: the prefix cache (None: off); windows: the sliding-window
+    layers' pool, if the model has some (the engine never combines it with a prefix cache)."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        allocator: SlotAllocator,
+        cache: PrefixCache | None = None,
+        windows: WindowSlots | None = None,
+    ) -> None:
+        if cache is not None and windows is not None:
+            raise ValueError("a prefix cache cannot resume windowed layers: give a cache or windows, not both")
         self.config = config
         self.allocator = allocator
         self.cache = cache
         self.cache_stats = CacheStats()
+        self.windows = windows
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._step_id = 0
@@ -151,7 +165,7 @@ class Scheduler:
             n = min(request.num_tokens - request.num_computed, cfg.chunked_prefill_size, budget)
             if not self._make_room(n, keep={request, *(r for r, _ in chosen)}):
                 continue
-            chosen.append((request, self.allocator.allocate(n)))
+            chosen.append((request, self._allocate(request, n)))
             budget -= n
 
         for request in list(self.waiting):
@@ -161,7 +175,7 @@ class Scheduler:
                 break
             cached = self._lock_cached_prefix(request)
             n = min(request.num_tokens - cached, cfg.chunked_prefill_size, budget)
-            if n > self.allocator.num_free + self.evictable_tokens:
+            if n > self._num_free + self.evictable_tokens:
                 self._release(request)
                 request.num_computed = 0
                 break  # first come, first served: later arrivals do not overtake
@@ -173,17 +187,30 @@ class Scheduler:
             self.waiting.remove(request)
             self.running.append(request)
             request.status = Status.RUNNING
-            chosen.append((request, self.allocator.allocate(n)))
+            chosen.append((request, self._allocate(request, n)))
             budget -= n
 
         if not chosen:
             return None
         return self._build(chosen)
 
+    @property
+    def _num_free(self) -> int:
+        """Slots free in both pools: a step's new tokens take one of each."""
+        if self.windows is None:
+            return self.allocator.num_free
+        return min(self.allocator.num_free, self.windows.slots.num_free)
+
+    def _allocate(self, request: Request, n: int) -> list[int]:
+        """n token slots (and n window slots, kept on the request) for the request's next tokens."""
+        if self.windows is not None:
+            request.window_slots.extend(self.windows.slots.allocate(n))
+        return self.allocator.allocate(n)
+
     def _make_room(self, n: int, keep: set[Request]) -> bool:
         """Frees slots until n are free: unreferenced cached tokens first, then by preempting the
         youngest idle running requests."""
-        while self.allocator.num_free < n:
+        while self._num_free < n:
             if self._evict(n):
                 continue
             victims = [r for r in self.running if not r.in_flight and r not in keep]
@@ -231,11 +258,14 @@ class Scheduler:
         request.cache_node, request.cache_depth = node, computed
 
     def _release(self, request: Request) -> None:
-        """Frees the slots a request owns and unlocks the cached ones it read."""
+        """Frees the slots a request owns (and its window slots), and unlocks the cached ones it read."""
         self.allocator.free(request.owned)
         if request.cache_node is not None:
             self.cache.unlock(request.cache_node)
         request.slots, request.owned, request.cache_node, request.cache_depth = [], set(), None, 0
+        if self.windows is not None:
+            self.windows.slots.free(request.window_slots)
+            request.window_slots, request.window_first = [], 0
 
     @property
     def evictable_tokens(self) -> int:
@@ -267,7 +297,9 @@ class Scheduler:
                 new_requests.append(NewRequest(request.req_id, request.params, request.seed))
                 request.announced = True
             sample = request.num_computed == request.num_tokens
-            seqs.append(SeqStep(request.req_id, request.num_computed, tuple(new_slots), sample, cached_slots))
+            window_new = tuple(request.window_slots[-len(new_slots):]) if self.windows is not None else ()
+            seqs.append(SeqStep(request.req_id, request.num_computed, tuple(new_slots), sample,
+                                cached_slots=cached_slots, new_window_slots=window_new))
         message = StepMessage(
             step_id=self._step_id,
             seqs=tuple(seqs),
@@ -297,6 +329,10 @@ class Scheduler:
         for request, seq in zip(batch.requests, batch.message.seqs):
             request.in_flight = False
             self._cache_computed(request)
+            if self.windows is not None and request.window_slots:
+                # what no later query sees goes back to the window pool (stages drop it at their next step)
+                request.window_first = self.windows.slide(request.window_slots, request.window_first,
+                                                          request.num_computed)
             token = next(tokens) if seq.sample else None
             results.append((request, token))
         return results

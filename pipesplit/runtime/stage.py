@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipesplit.planner.plan import StagePlan, stage_kv_tokens
-from pipesplit.runtime.kv_cache import allocate_pools, kv_bytes_per_token_per_layer
+from pipesplit.planner.partition import KVCapacity, kv_capacity
+from pipesplit.planner.plan import StagePlan
+from pipesplit.planner.spec import ModelSpec
+from pipesplit.runtime.kv_cache import allocate_pools, kv_bytes_per_token_per_layer, window_start
 from pipesplit.runtime.messages import RunConfig, StageReport, StepMessage, decode, encode
 from pipesplit.runtime.sampler import RequestSampler, new_request_sampler, sample_tokens
 
@@ -98,9 +100,11 @@ class Stage:
         self.kv_shapes = kv_cache_shapes(self.spec)
         self.kv_bytes = kv_bytes_per_token_per_layer(self.kv_shapes, self.dtype.itemsize)
         self.budget_bytes = self._budget()
-        self.kv_tokens = stage_kv_tokens(self.budget_bytes, self.param_bytes, end - start, self.kv_bytes)
+        self.window_layers = [i for i in range(start, end) if self.spec.layer_types[i] == "sliding_attention"]
         self.kv_cache: dict[int, tuple[torch.Tensor, ...]] = {}
         self.slots: dict[int, list[int]] = {}
+        self.window_slots: dict[int, tuple[int, list[int]]] = {}  # req_id -> (first position, slots)
+        self.window_pool_slots = 0
         self.samplers: dict[int, RequestSampler] = {}
 
     def _budget(self) -> int:
@@ -112,11 +116,18 @@ class Stage:
         return self.config.budgets[self.rank]
 
     def report(self) -> StageReport:
-        return StageReport(self.rank, self.param_bytes, self.kv_tokens, self.load_seconds, self.budget_bytes)
+        """Measured weights and budget; kv_tokens is filled in once every stage's are known."""
+        return StageReport(self.rank, self.param_bytes, 0, self.load_seconds, self.budget_bytes)
 
-    def allocate(self, num_slots: int) -> None:
+    def allocate(self, num_slots: int, window_slots: int = 0) -> None:
+        """The token pool for the stage's layers; with window_slots, windowed layers get a pool of
+        that many slots instead."""
         start, end = self.plan.layers
-        self.kv_cache = allocate_pools(range(start, end), self.kv_shapes, num_slots, self.dtype, self.device)
+        windowed = self.window_layers if window_slots else []
+        full = [i for i in range(start, end) if i not in windowed]
+        self.kv_cache = allocate_pools(full, self.kv_shapes, num_slots, self.dtype, self.device)
+        self.kv_cache.update(allocate_pools(windowed, self.kv_shapes, window_slots, self.dtype, self.device))
+        self.window_pool_slots = window_slots
 
     # -- one step ------------------------------------------------------------------------------
     def apply(self, message: StepMessage):
@@ -125,13 +136,15 @@ class Stage:
 
         for req_id in message.preempted:
             self.slots.pop(req_id, None)
+            self.window_slots.pop(req_id, None)
         for req_id in message.finished:
             self.slots.pop(req_id, None)
+            self.window_slots.pop(req_id, None)
             self.samplers.pop(req_id, None)
         if self.is_last:
             for new in message.new_requests:
                 self.samplers[new.req_id] = new_request_sampler(new.params, new.seed)
-        seqs = []
+        seqs, window_seqs = [], []
         for seq in message.seqs:
             if seq.cached_slots:
                 self.slots[seq.req_id] = list(seq.cached_slots)
@@ -142,7 +155,25 @@ class Stage:
                     f"stage {self.rank}: request {seq.req_id} has {len(slots)} slots, step says {seq.context_len}"
                 )
             seqs.append((slots, len(seq.new_slots), seq.sample))
-        return AttentionBatch.for_sequences(seqs, self.device)
+            if self.window_pool_slots:
+                window_seqs.append((self._slide_window(seq), len(seq.new_slots), seq.sample))
+        batch = AttentionBatch.for_sequences(seqs, self.device)
+        if window_seqs:
+            batch.window = AttentionBatch.for_sequences(window_seqs, self.device)
+        return batch
+
+    def _slide_window(self, seq) -> list[int]:
+        """The sequence's window slots for this step: the front it no longer sees dropped, the
+        new tokens' slots appended (as rank 0 allocated them)."""
+        first, held = self.window_slots.get(seq.req_id, (0, []))
+        keep_from = window_start(seq.context_len, len(seq.new_slots), self.spec.sliding_window)
+        del held[: keep_from - first]
+        held.extend(seq.new_window_slots)
+        if len(held) != seq.context_len - keep_from or len(seq.new_window_slots) != len(seq.new_slots):
+            raise RuntimeError(f"stage {self.rank}: request {seq.req_id} holds {len(held)} window slots, "
+                               f"the step implies {seq.context_len - keep_from}")
+        self.window_slots[seq.req_id] = (keep_from, held)
+        return held
 
     @torch.inference_mode()
     def forward(self, message: StepMessage, inputs: torch.Tensor) -> torch.Tensor:
@@ -167,18 +198,33 @@ def live_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def agree_capacity(stage: Stage) -> tuple[int, list[StageReport]]:
-    """All stages exchange their reports; the token capacity is the minimum over stages."""
+def agree_capacity(stage: Stage) -> tuple[KVCapacity, list[StageReport]]:
+    """All stages exchange their measured weights and budgets; each then computes every stage's
+    capacity with the planner's rule (`kv_capacity`): the same answer on every rank."""
     mine = stage.report()
     row = torch.tensor(
-        [mine.stage, mine.param_bytes, mine.kv_tokens, int(mine.load_seconds * 1e6), mine.budget_bytes],
+        [mine.stage, mine.param_bytes, int(mine.load_seconds * 1e6), mine.budget_bytes],
         dtype=torch.int64,
         device=stage.device,
     )
     rows = [torch.empty_like(row) for _ in range(stage.num_stages)]
     dist.all_gather(rows, row)
-    reports = [StageReport(int(r[0]), int(r[1]), int(r[2]), int(r[3]) / 1e6, int(r[4])) for r in (x.cpu() for x in rows)]
-    return min(r.kv_tokens for r in reports), reports
+    measured = [[int(v) for v in r.cpu()] for r in rows]
+    weights, budgets = [r[1] for r in measured], [r[3] for r in measured]
+    capacity = stage_capacity(stage.config, stage.spec, stage.kv_bytes, weights, budgets)
+    reports = [StageReport(r[0], r[1], tokens, r[2] / 1e6, r[3]) for r, tokens in zip(measured, capacity.stage_tokens)]
+    return capacity, reports
+
+
+def stage_capacity(
+    config: RunConfig, spec: ModelSpec, kv_bytes: int, weight_bytes: list[int], budgets: list[int]
+) -> KVCapacity:
+    """The pipeline's KV capacity from each stage's weights and budget, for the plan's layers."""
+    ranges = [s.layers for s in config.plan.stages]
+    windowed = [sum(spec.layer_types[i] == "sliding_attention" for i in range(a, b)) for a, b in ranges]
+    pool = config.window_pool
+    return kv_capacity(budgets, weight_bytes, [b - a - n for (a, b), n in zip(ranges, windowed)], windowed, kv_bytes,
+                       pool.slots if pool else 0, pool.token_limit if pool else 0)
 
 
 # -- process set-up -------------------------------------------------------------------------------
@@ -208,13 +254,13 @@ def start_stage(
     torch.set_num_threads(max(1, config.threads))
     stage = Stage(config, rank, device)
     capacity, reports = agree_capacity(stage)
-    if capacity < 1:
+    if capacity.max_total_num_tokens < 1:
         worst = min(reports, key=lambda r: r.kv_tokens)
         raise MemoryError(
             f"stage {worst.stage} has no room for the KV cache: its weights take {worst.param_bytes / 2**30:.2f} GiB "
             f"of a {worst.budget_bytes / 2**30:.2f} GiB budget; raise --mem-budget/--mem-fraction or add stages"
         )
-    stage.allocate(capacity)
+    stage.allocate(capacity.max_total_num_tokens, capacity.window_slots)
     return stage, capacity, reports, Link(device)
 
 

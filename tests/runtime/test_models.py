@@ -30,10 +30,15 @@ def layer_ranges(partition: list[int]) -> list[tuple[int, int]]:
 
 
 class PipelineInOneProcess:
-    """All stages of a split, one shared KV pool, and a greedy stepping loop."""
+    """All stages of a split, one shared KV pool, and a greedy stepping loop.
+
+    window_slots: sliding-window layers keep their K/V in a pool of that many slots of their own,
+    each sequence only its last positions (`kv_cache.window_start`), freed slots reused at once.
+    """
 
     def __init__(
-        self, source, partition: list[int], num_slots: int = 512, seed: int = 0, dtype=torch.float32, device="cpu"
+        self, source, partition: list[int], num_slots: int = 512, seed: int = 0, dtype=torch.float32, device="cpu",
+        window_slots: int | None = None,
     ) -> None:
         self.spec = source.spec
         self.device = torch.device(device)
@@ -51,6 +56,12 @@ class PipelineInOneProcess:
         order = list(range(num_slots))
         random.Random(seed).shuffle(order)
         self.free_slots = order
+        self.windowed = [i for i, t in enumerate(self.spec.layer_types) if t == "sliding_attention"] if window_slots else []
+        for layer in self.windowed:
+            self.kv_cache[layer] = tuple(torch.zeros(window_slots, *shape, dtype=dtype, device=self.device)
+                                         for shape in shapes)
+        self.free_window_slots = random.Random(seed + 1).sample(range(window_slots or 0), window_slots or 0)
+        self.most_window_slots_held = 0
 
     def forward(self, ids: list[int], batch: AttentionBatch) -> torch.Tensor:
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -65,10 +76,11 @@ class PipelineInOneProcess:
         start_steps = start_steps or [0] * len(prompts)
         done = [0] * len(prompts)  # prompt tokens already in the cache
         slots: list[list[int]] = [[] for _ in prompts]
+        windows: list[tuple[int, list[int]]] = [(0, []) for _ in prompts]  # (first position, window slots)
         outputs: list[list[int]] = [[] for _ in prompts]
         step = 0
         while any(len(o) < max_new for o in outputs):
-            ids, seqs, sampled = [], [], []
+            ids, seqs, window_seqs, sampled = [], [], [], []
             for i, prompt in enumerate(prompts):
                 if step < start_steps[i] or len(outputs[i]) >= max_new:
                     continue
@@ -81,17 +93,33 @@ class PipelineInOneProcess:
                 slots[i] += [self.free_slots.pop() for _ in piece]
                 ids += piece
                 seqs.append((slots[i], len(piece), sample))
+                if self.windowed:
+                    window_seqs.append((self._slide(windows, i, len(slots[i]), len(piece)), len(piece), sample))
                 if sample:
                     sampled.append(i)
             step += 1
             if not ids:
                 continue
             batch = AttentionBatch.for_sequences(seqs, self.device)
+            if window_seqs:
+                batch.window = AttentionBatch.for_sequences(window_seqs, self.device)
+                self.most_window_slots_held = max(self.most_window_slots_held, sum(len(w) for _, w in windows))
             logits = self.forward(ids, batch)
             assert logits.dtype == torch.float32 and logits.shape == (len(sampled), self.spec.vocab_size)
             for i, token in zip(sampled, logits.argmax(-1).tolist()):
                 outputs[i].append(token)
         return outputs
+
+    def _slide(self, windows, i: int, context_len: int, new: int) -> list[int]:
+        """Sequence i's window slots for a step: the unseen front freed (and reused first), new ones appended."""
+        from pipesplit.runtime.kv_cache import window_start
+
+        first, held = windows[i]
+        keep_from = window_start(context_len, new, self.spec.sliding_window)
+        self.free_window_slots += held[: keep_from - first]
+        held = held[keep_from - first :] + [self.free_window_slots.pop() for _ in range(new)]
+        windows[i] = (keep_from, held)
+        return held
 
 
 def hf_greedy(folder_or_model, prompts, max_new: int) -> list[list[int]]:

@@ -84,12 +84,12 @@ def _check_slots(sched: Scheduler, alloc: SlotAllocator, cache: PrefixCache, cap
     """Every slot is free, cached, or owned by one live request; the counts agree."""
     tree = [s for n in cache.nodes() for s in n.slots]
     owned = [s for r in sched.running for s in r.owned]
-    free = alloc._free
     assert len(tree) == len(set(tree)) == cache.cached_tokens
     assert len(owned) == len(set(owned))
     assert not set(tree) & set(owned)
-    assert not set(free) & (set(tree) | set(owned)), "a slot is both free and referenced"
-    assert len(free) + len(tree) + len(owned) == capacity, "a slot leaked"
+    assert set(tree) | set(owned) <= alloc._used, "a slot is both free and referenced"
+    assert alloc._used <= set(tree) | set(owned), "a slot leaked: allocated, yet neither cached nor owned"
+    assert alloc.num_free + alloc.num_used == capacity
     for r in sched.waiting:
         assert not r.owned and r.cache_node is None
     expected_refs = collections.Counter()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipesplit.runtime.kv_cache import SlotAllocator
+from pipesplit.runtime.kv_cache import SlotAllocator, WindowSlots, window_start
 from pipesplit.runtime.sampler import SamplingParams
 from pipesplit.runtime.scheduler import Request, Scheduler, SchedulerConfig, Status
 
@@ -26,13 +26,23 @@ def test_allocator_hands_out_each_slot_once():
     assert alloc.num_free == 3 and alloc.num_used == 2
 
 
-def _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, seed):
-    """Drives the scheduler like the engine does, with a fake pipeline of depth micro_batches."""
+def _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, seed, window=None):
+    """Drives the scheduler like the engine does, with a fake pipeline of depth micro_batches.
+
+    window: the model has sliding-window layers, whose pool is sized by window_pool_slots; a
+    stage's view of every sequence's window slots (Stage._slide_window, fed the step messages)
+    must match rank 0's at every step."""
     import random
+    from types import SimpleNamespace
+
+    from pipesplit.planner.partition import window_pool_slots
+    from pipesplit.runtime.stage import Stage
 
     rng = random.Random(seed)
     alloc = SlotAllocator(capacity)
-    sched = Scheduler(SchedulerConfig(micro_batches, budget, 64, chunk), alloc)
+    windows = WindowSlots(window, window_pool_slots(window, 64, budget, micro_batches)) if window else None
+    sched = Scheduler(SchedulerConfig(micro_batches, budget, 64, chunk), alloc, windows=windows)
+    stage = SimpleNamespace(window_slots={}, rank=1, spec=SimpleNamespace(sliding_window=window))
     reqs = []
     for i, (prompt_len, max_tokens) in enumerate(requests):
         r = Request(i, [1] * prompt_len, SamplingParams(max_tokens=max_tokens), seed=i, max_context=capacity)
@@ -54,9 +64,14 @@ def _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, see
         batch = sched.schedule() if len(in_flight) < micro_batches else None
         if batch is not None:
             in_flight.append(batch)
+            for req_id in batch.message.preempted + batch.message.finished:
+                stage.window_slots.pop(req_id, None)
             for r, seq in zip(batch.requests, batch.message.seqs):
                 assert r.slots[-len(seq.new_slots):] == list(seq.new_slots)
                 assert len(r.slots) == seq.context_len == r.num_computed
+                if window:
+                    assert list(seq.new_window_slots) == r.window_slots[-len(seq.new_slots):]
+                    assert Stage._slide_window(stage, seq) == r.window_slots
         elif in_flight:
             done = in_flight.popleft()
             tokens = [7] * done.message.num_samples
@@ -73,7 +88,14 @@ def _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, see
         used = sum(len(r.slots) for r in live)
         assert used == alloc.num_used <= capacity
         assert len({s for r in live for s in r.slots}) == used
+        if window:
+            held = sum(len(r.window_slots) for r in live)
+            assert held == windows.slots.num_used and len({s for r in live for s in r.window_slots}) == held
+            for r in live:
+                if not r.in_flight:  # between steps: exactly what the next token sees
+                    assert len(r.window_slots) == r.num_computed - r.window_first == min(r.num_computed, window - 1)
     assert alloc.num_used == 0 and alloc.num_free == capacity
+    assert windows is None or windows.slots.num_used == 0
     for r in reqs:
         assert r.status is Status.FINISHED
         if r.finish_reason == "length":
@@ -90,9 +112,29 @@ def _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, see
     chunk=st.integers(1, 32),
     abort_every=st.sampled_from([0, 0, 7, 13]),
     seed=st.integers(0, 1000),
+    window=st.sampled_from([None, None, 1, 3, 8]),
 )
-def test_random_workloads_never_overcommit_or_leak(capacity, micro_batches, requests, budget, chunk, abort_every, seed):
-    _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, seed)
+def test_random_workloads_never_overcommit_or_leak(capacity, micro_batches, requests, budget, chunk, abort_every, seed,
+                                                   window):
+    _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, seed, window)
+
+
+def test_window_pool_of_the_planned_size_never_preempts_more_than_the_token_pool():
+    """The window pool is sized so that it never runs out: the same workload preempts exactly as
+    often with it as without."""
+    workload = [(10, 12)] * 8 + [(3, 20)] * 5
+    plain = _simulate(30, 2, workload, 64, 16, 0, 0)
+    windowed = _simulate(30, 2, workload, 64, 16, 0, 0, window=4)
+    assert [r.num_preemptions for r in windowed] == [r.num_preemptions for r in plain]
+    assert sum(r.num_preemptions for r in plain) > 0
+
+
+def test_window_slots_slide_and_are_reused():
+    windows = WindowSlots(3, 4)
+    held = windows.slots.allocate(4)  # positions 0..3
+    assert windows.slide(held, 0, 4) == 2 and held == [2, 3]  # the next query (position 4) sees 2..4
+    assert windows.slots.allocate(2) == [1, 0]  # the freed ones first
+    assert window_start(10, 3, 3) == 5 and window_start(2, 2, 8) == 0
 
 
 def test_tiny_pool_forces_preemption_and_everyone_finishes():

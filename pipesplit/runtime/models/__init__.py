@@ -5,8 +5,9 @@ Each family module provides:
 - `decoder_layer(spec, index, dtype, device)`: decoder layer `index`;
 - `rotary(spec)`: the stage's rotary embedding;
 - `kv_cache_shapes(spec)`: per-token shapes of one layer's cache tensors;
-- optionally `check_spec(spec)` (more checks) and `held_layers(spec, dtype, device)` (modules the
-  last stage holds with --mtp but never runs).
+- optionally `check_spec(spec)` (more checks), `held_layers(spec, dtype, device)` (modules the
+  last stage holds with --mtp but never runs) and `stage_extras(spec)` (DecoderStage keywords:
+  final_norm, embed_scale, logit_softcap).
 `build_stage` below puts them on the shared skeleton (`layers.DecoderStage`). The shared layers
 live in `layers.py` (attention, norms, rotary, stage skeleton) and `moe.py` (routers, experts).
 """
@@ -29,6 +30,8 @@ FAMILY_MODULES = {
     "llama": "pipesplit.runtime.models.llama",
     "mixtral": "pipesplit.runtime.models.mixtral",
     "deepseek": "pipesplit.runtime.models.deepseek",
+    "gpt_oss": "pipesplit.runtime.models.gpt_oss",
+    "gemma": "pipesplit.runtime.models.gemma",
 }
 
 
@@ -73,9 +76,10 @@ def build_stage(
         if not hasattr(family, "held_layers"):
             raise UserError(f"{spec.model_type} models have no MTP modules the runtime can hold; drop --mtp")
         held = family.held_layers(spec, dtype, device)
+    extras = family.stage_extras(spec) if hasattr(family, "stage_extras") else {}
     return DecoderStage(
         spec, tuple(layers), embedding, lm_head, lambda i: family.decoder_layer(spec, i, dtype, device),
-        family.rotary(spec), dtype, device, held,
+        family.rotary(spec), dtype, device, held, **extras,
     )
 
 

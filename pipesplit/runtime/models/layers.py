@@ -43,6 +43,9 @@ class AttentionBatch:
     context_lens: list[int]
     context_slots: list[torch.Tensor]
     logits_indices: torch.Tensor
+    # The same tokens over the sliding-window pool (its slots, contexts cut to what the window
+    # sees), for windowed layers whose K/V live there; None: every layer uses the token pool.
+    window: AttentionBatch | None = field(default=None, compare=False)
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -331,10 +334,15 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
     window: int | None = None,
+    *,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens' queries q [T, heads, dim] over their contexts in the pools.
 
     The new tokens' K/V must already be in the pools. Returns [T, heads * v_dim].
+    sinks [heads]: one extra logit per head in the softmax's denominator, attending to nothing
+    (gpt-oss). softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2).
     """
     tokens, heads, dim = q.shape
     kv_heads, v_dim = k_pool.shape[1], v_pool.shape[2]
@@ -350,7 +358,10 @@ def paged_attention(
         keys = g.gather(k_pool, "k").transpose(1, 2)
         values = g.gather(v_pool, "v").transpose(1, 2)
         mask = g.mask(window, n_rep, q.dtype)
-        o = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=mask, scale=scale)
+        if sinks is None and softcap is None:
+            o = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=mask, scale=scale)
+        else:
+            o = _eager_attention(q_pad, keys, values, mask, scale, sinks, softcap, q_len)
         o = o.view(b, kv_heads, n_rep, q_len, v_dim).permute(0, 3, 1, 2, 4).reshape(b * q_len, heads * v_dim)
         if g.output_rows is not None:
             o = o.index_select(0, g.output_rows)
@@ -360,8 +371,37 @@ def paged_attention(
     return out
 
 
+def _eager_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    sinks: torch.Tensor | None,
+    softcap: float | None,
+    q_len: int,
+) -> torch.Tensor:
+    """softmax(scores + mask) @ values with the scores soft-capped and/or a sink logit per head;
+    q [B, kv_heads, n_rep * Q, dim] (row r * Q + i is query head kv * n_rep + r, token i)."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask
+    if sinks is not None:
+        b, kv_heads, rows, _ = scores.shape
+        n_rep = rows // q_len
+        sink = sinks.to(scores.dtype).view(1, kv_heads, n_rep, 1, 1).expand(b, kv_heads, n_rep, q_len, 1)
+        scores = torch.cat((scores, sink.reshape(b, kv_heads, rows, 1)), dim=-1)
+    probs = torch.softmax(scores - scores.amax(-1, keepdim=True), dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]  # the sink takes its share of the mass and contributes nothing
+    return torch.matmul(probs.to(values.dtype), values)
+
+
 class GQAttention(nn.Module):
-    """Grouped-query attention with optional q/k/v (and o) biases and per-head q/k RMSNorm."""
+    """Grouped-query attention with optional q/k/v (and o) biases and per-head q/k RMSNorm;
+    optionally a learned sink logit per head (`sinks`, gpt-oss), soft-capped scores and a
+    softmax scale other than head_dim ** -0.5 (Gemma)."""
 
     def __init__(
         self,
@@ -377,11 +417,16 @@ class GQAttention(nn.Module):
         window: int | None,
         dtype: torch.dtype,
         device: torch.device | str,
+        sinks: bool = False,
+        softcap: float | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.window = window
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.softcap = softcap
+        self.sinks = nn.Parameter(torch.empty(heads, dtype=dtype, device=device)) if sinks else None
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
@@ -409,9 +454,12 @@ class GQAttention(nn.Module):
         k_pool, v_pool = kv
         if k_pool.dtype != q.dtype:
             raise ValueError(f"KV pool dtype {k_pool.dtype} differs from the model dtype {q.dtype}")
+        if self.window is not None and batch.window is not None:
+            batch = batch.window  # this layer's K/V live in the sliding-window pool
         k_pool.index_copy_(0, batch.slot_mapping, k)
         v_pool.index_copy_(0, batch.slot_mapping, v)
-        return self.o_proj(paged_attention(q, k_pool, v_pool, batch, self.scale, self.window))
+        out = paged_attention(q, k_pool, v_pool, batch, self.scale, self.window, sinks=self.sinks, softcap=self.softcap)
+        return self.o_proj(out)
 
 
 def apply_rotary_interleaved(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -459,7 +507,7 @@ def check_buildable(spec: "ModelSpec", family: str, formats: tuple[str, ...]) ->
     if spec.family != family:
         raise UserError(f"{spec.model_type} models are not {family}-family; the {family} stage cannot build them")
     if spec.quantization.method not in formats:
-        names = {"none": "unquantized", "fp8": "block-fp8"}
+        names = {"none": "unquantized", "fp8": "block-fp8", "mxfp4": "mxfp4"}
         raise UserError(f"{spec.quantization.method} checkpoints of {spec.model_type} models are not supported; "
                         f"use an {' or '.join(names[f] for f in formats)} checkpoint")
 
@@ -470,6 +518,8 @@ class DecoderStage(nn.Module):
 
     make_layer(index) builds decoder layer `index`. held_layers: extra modules stored under
     `model.layers.{index}` that the stage holds but never runs (DeepSeek's MTP module).
+    final_norm (the norm class of `model.norm`), embed_scale (embeddings multiplied by it) and
+    logit_softcap (logits -> c * tanh(logits / c)): Gemma's.
     forward(inputs, batch, kv_cache): token ids [T] on the first stage, else the residual stream
     [T, hidden]; returns float32 logits of batch.logits_indices on the last stage, else [T, hidden].
     """
@@ -485,6 +535,9 @@ class DecoderStage(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         held_layers: dict[int, nn.Module] | None = None,
+        final_norm: type[RMSNorm] | None = None,
+        embed_scale: float | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
         start, end = layers
@@ -502,8 +555,9 @@ class DecoderStage(nn.Module):
         self.model.layers = nn.ModuleDict({str(i): make_layer(i) for i in range(start, end)})
         for index, module in (held_layers or {}).items():
             self.model.layers[str(index)] = module
+        self.embed_scale, self.logit_softcap = embed_scale, logit_softcap
         if lm_head:
-            self.model.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+            self.model.norm = (final_norm or RMSNorm)(spec.hidden_size, spec.rms_norm_eps, dtype, device)
             # tied and holding the embedding (PP=1): the head reads the embedding's weight, stored once
             if not (spec.tie_word_embeddings and embedding):
                 self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device=device)
@@ -515,6 +569,8 @@ class DecoderStage(nn.Module):
 
     def forward(self, inputs: torch.Tensor, batch: AttentionBatch, kv_cache: dict) -> torch.Tensor:
         h = self.model.embed_tokens(inputs) if self.has_embedding else inputs
+        if self.has_embedding and self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)  # rounded to the model dtype first, as in HF
         if self._layers:
             rope = self.rotary(batch.positions, h.dtype)
             for index, layer in self._layers:
@@ -522,4 +578,7 @@ class DecoderStage(nn.Module):
         if not self.has_lm_head:
             return h
         h = self.model.norm(h.index_select(0, batch.logits_indices))
-        return F.linear(h, self.head_weight()).float()
+        logits = F.linear(h, self.head_weight()).float()
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits

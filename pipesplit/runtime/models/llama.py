@@ -15,7 +15,8 @@ from pipesplit.runtime.models.layers import GQAttention, PreNormDecoderLayer, Ro
 
 
 def attention(spec: ModelSpec, index: int, dtype: torch.dtype, device: torch.device | str) -> GQAttention:
-    """Layer `index`'s GQA attention: q/k/v bias (qwen2), q/k norm (qwen3), sliding window (mistral)."""
+    """Layer `index`'s GQA attention: q/k/v bias (qwen2), q/k norm (qwen3), sliding window (mistral),
+    attention sinks (gpt-oss)."""
     sliding = spec.layer_types[index] == "sliding_attention"
     return GQAttention(
         spec.hidden_size,
@@ -29,6 +30,7 @@ def attention(spec: ModelSpec, index: int, dtype: torch.dtype, device: torch.dev
         window=spec.sliding_window if sliding else None,
         dtype=dtype,
         device=device,
+        sinks=spec.attention_sinks,
     )
 
 

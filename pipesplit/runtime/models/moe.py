@@ -15,6 +15,8 @@ that received tokens: T * top_k rows of work, not T * num_experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,18 +132,30 @@ class SparseMoE(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert_{experts[t, k]}(x[t]), computed expert by expert."""
-        top_k = experts.shape[1]
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        token_of = order // top_k
-        # one gather in, one weighted scatter out; per expert only its own rows, as views
-        rows_in = x.index_select(0, token_of)
-        rows_out = torch.empty_like(rows_in)
-        start = 0
-        for expert, n in zip(self.experts, counts):
-            if n:
-                rows_out[start : start + n] = expert(rows_in[start : start + n])
-                start += n
-        weighted = rows_out * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token_of, weighted.to(x.dtype))
+        return route_to_experts(x, weights, experts, len(self.experts), lambda e, rows: self.experts[e](rows))
+
+
+def route_to_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    num_experts: int,
+    run_expert: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sum_k weights[t, k] * run_expert(experts[t, k], x[t]): tokens grouped by expert, and only
+    the experts that received tokens run (T * top_k rows of work)."""
+    top_k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    token_of = order // top_k
+    # one gather in, one weighted scatter out; per expert only its own rows, as views
+    rows_in = x.index_select(0, token_of)
+    rows_out = torch.empty_like(rows_in)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n:
+            rows_out[start : start + n] = run_expert(expert, rows_in[start : start + n])
+            start += n
+    weighted = rows_out * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token_of, weighted.to(x.dtype))
