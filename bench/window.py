@@ -30,8 +30,9 @@ import torch  # noqa: E402
 from moe import run_transformers, workload  # noqa: E402  (bench/moe.py: the same vocabulary size)
 
 from pipesplit import LLM, SamplingParams  # noqa: E402
+from pipesplit.planner.plan import window_pool_for  # noqa: E402
 from pipesplit.planner.spec import load_spec  # noqa: E402
-from pipesplit.runtime.plan_bridge import runtime_plan, window_pool_for  # noqa: E402
+from pipesplit.runtime.plan_bridge import runtime_plan  # noqa: E402
 
 MODEL = dict(
     vocab_size=8192, hidden_size=256, intermediate_size=256, num_hidden_layers=8, num_attention_heads=8,

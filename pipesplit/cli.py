@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from pipesplit.errors import UserError
+from pipesplit.planner.plan import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING_REQUESTS
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -59,8 +60,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-fraction", type=float, default=0.9, help="CUDA: share of device memory to use")
     p.add_argument("--mtp", action="store_true", help="load the MTP module on the last stage (memory accounting only)")
     p.add_argument("--micro-batches", type=int, default=None, help="micro-batches in flight (default: pp)")
-    p.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget of one micro-batch")
-    p.add_argument("--max-running-requests", type=int, default=256, help="requests decoding at once")
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help="token budget of one micro-batch")
+    p.add_argument("--max-running-requests", type=int, default=DEFAULT_MAX_RUNNING_REQUESTS, help="requests decoding at once")
     p.add_argument("--chunked-prefill-size", type=int, default=512, help="longest prefill chunk of one request per step")
     p.add_argument("--threads", type=int, default=None, help="torch threads per stage (CPU)")
     p.add_argument("--disable-prefix-cache", dest="prefix_cache", action="store_false",

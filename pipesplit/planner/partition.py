@@ -285,7 +285,7 @@ def evaluate(problem: SplitProblem, partition: Sequence[int]) -> Evaluation:
         tokens.append(problem.tokens_for_cell(problem.usable_bytes[s] - w, cell))
         shortfall.append(w + _ceil(cell * problem.page_size) - problem.usable_bytes[s])
     capacity, window_slots = min(tokens), 0
-    if problem.target == "pipesplit" and problem.window_slots:
+    if problem.target == "pipesplit" and problem.kv_allocator == "uniform":  # pipesplit's own rule, windows too
         windowed = [windows.count(a, b) for a, b in ranges]
         result = kv_capacity(problem.usable_bytes, stage_w, [b - a - n for (a, b), n in zip(ranges, windowed)],
                              windowed, problem.kv_bytes_per_token_per_layer, problem.window_slots,

@@ -27,6 +27,7 @@ from pipesplit.planner.partition import (
     stage_ranges,
     window_pool_slots,
 )
+from pipesplit.planner.spec import ModelSpec
 
 __all__ = [
     "StagePlan",
@@ -40,6 +41,9 @@ __all__ = [
     "EXPLICIT",
     "MAX_REORDERS",
     "WindowPool",
+    "window_pool_for",
+    "DEFAULT_MAX_BATCH_TOKENS",
+    "DEFAULT_MAX_RUNNING_REQUESTS",
 ]
 
 EXPLICIT = "explicit"
@@ -104,6 +108,12 @@ def stage_speeds(devices: Sequence[Device]) -> tuple[float, ...]:
     return tuple(speeds)
 
 
+# The runtime scheduler's defaults (runtime.scheduler.SchedulerConfig, `LLM` and the CLI read them
+# here): plans of the runtime's own window pool assume them.
+DEFAULT_MAX_RUNNING_REQUESTS = 256
+DEFAULT_MAX_BATCH_TOKENS = 2048
+
+
 @dataclass(frozen=True)
 class WindowPool:
     """The sliding-window pool a runtime gives its windowed layers: `slots` (`window_pool_slots`
@@ -122,6 +132,16 @@ class WindowPool:
                       max_batch_tokens: int, micro_batches: int) -> "WindowPool":
         slots = window_pool_slots(window, max_running_requests, max_batch_tokens, micro_batches)
         return cls(slots, max_running_requests * max_position_embeddings)
+
+
+def _stage_kv_bytes(problem: SplitProblem, result, layers: tuple[int, int]) -> int:
+    """A stage's KV pool at the pipeline's capacity; with a window pool its windowed layers hold
+    the pool's slots instead of a slot per token."""
+    if result.window_slots and problem.kv_allocator == "uniform":
+        windowed = sum(problem.window_layers[layers[0]:layers[1]]) if problem.window_layers else 0
+        full = layers[1] - layers[0] - windowed
+        return (result.max_total_num_tokens * full + result.window_slots * windowed) * problem.kv_bytes_per_token_per_layer
+    return int(result.max_total_num_tokens * problem.stage_kv_cell(*layers))
 
 
 def split_problem(
@@ -189,7 +209,7 @@ def _plan_for_order(
             kv_tokens=result.stage_tokens[s],
             overhead_bytes=device.capacity_bytes - usable[s],
             kv_bytes_per_token=-(-problem.stage_kv_cell(*layers) // 1),
-            kv_bytes=int(result.max_total_num_tokens * problem.stage_kv_cell(*layers)),
+            kv_bytes=_stage_kv_bytes(problem, result, layers),
         )
         for s, (device, layers) in enumerate(zip(devices, stage_ranges(partition)))
     )
@@ -265,12 +285,24 @@ def compare(
     model: str = "",
     partition: str | Sequence[int] | None = None,
     engine: EngineModel | None = None,
+    window_pool: WindowPool | None = None,
 ) -> tuple[Plan, ...]:
     """One plan per registered strategy (and the explicit partition, if given), in registry order."""
-    plans = [
-        make_plan(cost, devices, name, None, target, reorder, mem_fraction, reserve_gib, model, engine)
-        for name in STRATEGIES
-    ]
+    common = (target, reorder, mem_fraction, reserve_gib, model, engine, window_pool)
+    plans = [make_plan(cost, devices, name, None, *common) for name in STRATEGIES]
     if partition is not None:
-        plans.append(make_plan(cost, devices, None, partition, target, reorder, mem_fraction, reserve_gib, model, engine))
+        plans.append(make_plan(cost, devices, None, partition, *common))
     return tuple(plans)
+
+
+def window_pool_for(
+    spec: ModelSpec,
+    max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    micro_batches: int = 1,
+) -> WindowPool | None:
+    """The window pool of a runtime with these scheduler limits, or None without windowed layers."""
+    if "sliding_attention" not in spec.layer_types:
+        return None
+    return WindowPool.for_scheduler(spec.sliding_window, spec.max_position_embeddings, max_running_requests,
+                                    max_batch_tokens, micro_batches)

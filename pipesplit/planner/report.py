@@ -11,7 +11,7 @@ from pipesplit.errors import UserError
 from pipesplit.planner.engines import ENGINES, EngineModel, EngineSettings
 from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, GPUS, GiB, check_memory_settings, resolve_devices
 from pipesplit.planner.partition import DEFAULT_STRATEGY, check_stage_count, check_strategy
-from pipesplit.planner.plan import EXPLICIT, Plan, compare, make_plan
+from pipesplit.planner.plan import EXPLICIT, Plan, compare, make_plan, window_pool_for
 
 BASELINE = "sglang-legacy"
 DEFAULT_MEM_FRACTION = 0.9
@@ -73,7 +73,10 @@ def plan_command(args: argparse.Namespace) -> int:
     check_stage_count(spec.num_layers, args.pp)
     devices = resolve_devices(args.gpu, args.gpu_mem, args.pp)
     engine = EngineModel(spec, args.tp, settings)
-    common = dict(reorder=args.reorder, mem_fraction=mem_fraction, reserve_gib=reserve, model=spec.name, engine=engine)
+    # --engine pipesplit: the runtime's own sliding-window pool at its default scheduler limits
+    window_pool = window_pool_for(spec, micro_batches=args.pp) if settings.engine == "pipesplit" else None
+    common = dict(reorder=args.reorder, mem_fraction=mem_fraction, reserve_gib=reserve, model=spec.name, engine=engine,
+                  window_pool=window_pool)
 
     if args.compare:
         plans = list(compare(cost, devices, partition=args.partition, **common))

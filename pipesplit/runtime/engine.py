@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pipesplit.errors import UserError
-from pipesplit.planner.plan import Plan
+from pipesplit.planner.plan import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING_REQUESTS, Plan
 from pipesplit.runtime.messages import RunConfig, StageReport, StepMessage, encode
 from pipesplit.runtime.sampler import SamplingParams
 from pipesplit.runtime.scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
@@ -477,16 +477,17 @@ class LLM:
         mem_budget_gib: float | None = None,
         mem_fraction: float = 0.9,
         micro_batches: int | None = None,
-        max_batch_tokens: int = 2048,
-        max_running_requests: int = 256,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS,
         chunked_prefill_size: int = 512,
         threads: int | None = None,
         mtp: bool = False,
         enable_prefix_caching: bool = True,
         log: bool = True,
     ) -> None:
+        from pipesplit.planner.plan import window_pool_for
         from pipesplit.runtime.loader import resolve_model
-        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan, window_pool_for
+        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan
         from pipesplit.runtime.tokenizer import load_tokenizer
 
         if dtype not in ("float32", "bfloat16", "float16"):

@@ -79,12 +79,3 @@ def runtime_plan(
         window_pool=window_pool,
     )
 
-
-def window_pool_for(
-    spec: ModelSpec, max_running_requests: int, max_batch_tokens: int, micro_batches: int
-) -> WindowPool | None:
-    """The window pool of a runtime with these scheduler limits, or None without windowed layers."""
-    if "sliding_attention" not in spec.layer_types:
-        return None
-    return WindowPool.for_scheduler(spec.sliding_window, spec.max_position_embeddings, max_running_requests,
-                                    max_batch_tokens, micro_batches)

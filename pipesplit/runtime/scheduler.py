@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pipesplit.planner.plan import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING_REQUESTS
 from pipesplit.runtime.kv_cache import SlotAllocator, WindowSlots
 from pipesplit.runtime.messages import NewRequest, SeqStep, StepMessage
 from pipesplit.runtime.prefix_cache import Node, PrefixCache
@@ -73,8 +74,8 @@ class Request:
 @dataclass(frozen=True)
 class SchedulerConfig:
     micro_batches: int = 1
-    max_batch_tokens: int = 2048
-    max_running_requests: int = 256
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
     chunked_prefill_size: int = 512
     prefix_caching: bool = True
 

@@ -163,3 +163,29 @@ def test_gemma_with_another_activation_is_a_user_error():
 
     with pytest.raises(UserError, match="hidden_activation"):
         spec_from_config({**GEMMA2_9B, "hidden_activation": "silu"})
+
+
+def test_plan_command_plans_the_runtimes_window_pool():
+    """`pipesplit plan` (--engine pipesplit) gives windowed layers the runtime's pool at its default
+    scheduler limits; the stage KV bytes it prints hold the pool's slots, not a slot per token."""
+    import json
+    import subprocess
+    import sys
+
+    from pipesplit.planner.plan import window_pool_for
+
+    out = subprocess.run([sys.executable, "-m", "pipesplit", "plan", "gpt-oss-120b", "--pp", "2", "--gpu", "H100",
+                          "--json"], capture_output=True, text=True, check=True).stdout
+    printed = json.loads(out)["plans"][0]
+    spec = load_spec("gpt-oss-120b")
+    cost, devices = cost_model(spec), resolve_devices("H100", None, 2)
+    expected = make_plan(cost, devices, model=spec.name, window_pool=window_pool_for(spec, micro_batches=2))
+    charged = make_plan(cost, devices, model=spec.name)
+    assert printed["max_total_num_tokens"] == expected.max_total_num_tokens > 1.9 * charged.max_total_num_tokens
+    kv = cost.kv_bytes_per_token_per_layer
+    for stage in printed["stages"]:
+        start, end = stage["layers"]
+        windowed = sum(t == "sliding_attention" for t in spec.layer_types[start:end])
+        full = end - start - windowed
+        assert stage["kv_bytes"] == (expected.max_total_num_tokens * full + expected.window_slots * windowed) * kv
+        assert stage["kv_bytes"] + stage["weight_bytes"] <= stage["usable_bytes"]

@@ -17,8 +17,9 @@ import torch
 
 from pipesplit import LLM, SamplingParams
 from pipesplit.planner.costs import kv_bytes_per_token
+from pipesplit.planner.plan import window_pool_for
 from pipesplit.planner.spec import load_spec
-from pipesplit.runtime.plan_bridge import runtime_plan, window_pool_for
+from pipesplit.runtime.plan_bridge import runtime_plan
 from tests.runtime.test_models import MAX_NEW, PROMPTS, hf_greedy
 
 GiB = 1 << 30
@@ -39,7 +40,7 @@ def test_weights_capacity_and_outputs_equal_the_prediction(tiny_moe_checkpoints,
     folder = str(tiny_moe_checkpoints[name])
     spec = load_spec(folder)
     # mixtral's sliding_window makes every layer windowed: the engine gives them its window pool
-    window_pool = window_pool_for(spec, 256, 2048, pp)
+    window_pool = window_pool_for(spec, micro_batches=pp)
     predicted = runtime_plan(spec, pp, None, partition, "float32", (int(BUDGET_GIB * GiB),) * pp, mtp, window_pool)
     assert predicted.stages[-1].mtp == mtp
     with LLM(folder, pp=pp, partition=partition, mem_budget_gib=BUDGET_GIB, mtp=mtp, log=False) as llm:

@@ -15,8 +15,9 @@ import pytest
 
 from pipesplit import LLM, SamplingParams
 from pipesplit.planner.partition import window_pool_slots
+from pipesplit.planner.plan import window_pool_for
 from pipesplit.planner.spec import load_spec
-from pipesplit.runtime.plan_bridge import runtime_plan, window_pool_for
+from pipesplit.runtime.plan_bridge import runtime_plan
 from tests.runtime.test_models import hf_greedy
 
 GiB = 1 << 30
