@@ -19,12 +19,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipesplit.errors import UserError
 from pipesplit.planner.plan import Plan
 from pipesplit.runtime.messages import RunConfig, StageReport, StepMessage, encode
 from pipesplit.runtime.sampler import SamplingParams
 from pipesplit.runtime.scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
+
+if TYPE_CHECKING:
+    from pipesplit.runtime.tokenizer import Tokenizer
 
 HEARTBEAT_SECONDS = 30.0
 WATCHER_GRACE_SECONDS = 3.0
@@ -443,6 +447,18 @@ class Engine:
 
 
 # -- the user-facing API ------------------------------------------------------------------------------
+def encode_prompt(tokenizer: "Tokenizer | None", model_name: str, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+    """Token ids of a text prompt (through the chat template with `chat`); token ids pass through."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise UserError(f"{model_name} has no tokenizer files; give token ids (--prompt-ids 1,2,3) instead of text")
+        if chat:
+            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return tokenizer.encode(prompt)
+    return [int(t) for t in prompt]
+
+
+# ------------------------------------------------------------------------------
 class LLM:
     """A pipeline-parallel model: `with LLM("smollm2", pp=2) as llm: llm.generate(prompts, params)`.
 
@@ -470,8 +486,8 @@ class LLM:
         log: bool = True,
     ) -> None:
         from pipesplit.runtime.loader import resolve_model
-        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan
-        from pipesplit.runtime.tokenizer import load_tokenizer
+        from pipesplit.runtime.plan_bridge import budgets_for, check_fits, runtime_plan
+        from pipesplit.runtime.tokenizer import load_tokenizer_or_none
 
         if dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
@@ -486,12 +502,10 @@ class LLM:
                 raise UserError(f"torchrun started {world} processes but --pp is {pp}; make them equal")
         self.source = resolve_model(model)
         self.spec = self.source.spec
-        try:
-            self.tokenizer = load_tokenizer(self.source)
-        except UserError:
-            self.tokenizer = None  # a checkpoint without tokenizer files still runs on token ids
+        self.tokenizer = load_tokenizer_or_none(self.source)
         budgets = budgets_for(self.spec, pp, device, mem_budget_gib, mem_fraction)
         self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp)
+        check_fits(self.plan, device)
         cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
         config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp)
         scheduler_config = SchedulerConfig(
@@ -572,13 +586,7 @@ class LLM:
 
     # -- requests -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise UserError(f"{self.spec.name} has no tokenizer files; give token ids instead of text")
-            if chat:
-                return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        return encode_prompt(self.tokenizer, self.spec.name, prompt, chat)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, chat: bool = False) -> Iterator[RequestOutput]:
         """Yields a RequestOutput per new token; the last one has finished=True."""
