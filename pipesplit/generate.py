@@ -44,7 +44,7 @@ def generate_command(args: argparse.Namespace) -> int:
         from pipesplit.runtime.stage import worker_main
 
         return worker_main(args.device)
-    from pipesplit.runtime.engine import LLM, EngineDeadError, encode_prompt
+    from pipesplit.runtime.engine import LLM, EngineDeadError, check_prompt_ids, encode_prompt
     from pipesplit.runtime.loader import resolve_model
     from pipesplit.runtime.sampler import SamplingParams
     from pipesplit.runtime.tokenizer import load_tokenizer_or_none
@@ -58,7 +58,7 @@ def generate_command(args: argparse.Namespace) -> int:
     # Text prompts and --chat are checked before any stage process starts loading weights.
     source = resolve_model(args.model)
     tokenizer = load_tokenizer_or_none(source)
-    encoded = [encode_prompt(tokenizer, source.spec.name, p, args.chat) for p in prompts]
+    encoded = [check_prompt_ids(source.spec, encode_prompt(tokenizer, source.spec.name, p, args.chat)) for p in prompts]
     try:
         with LLM(args.model, **llm_kwargs(args)) as llm:
             outputs = llm.generate(encoded, params)

@@ -28,6 +28,7 @@ from pipesplit.runtime.sampler import SamplingParams
 from pipesplit.runtime.scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
 
 if TYPE_CHECKING:
+    from pipesplit.planner.spec import ModelSpec
     from pipesplit.runtime.tokenizer import Tokenizer
 
 HEARTBEAT_SECONDS = 30.0
@@ -202,19 +203,7 @@ class Engine:
     # -- called from any thread ----------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_output: Callable[[RequestOutput], None]) -> int:
         self.raise_if_dead()
-        prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise UserError("the prompt is empty; give at least one token")
-        vocab = self.stage.spec.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if len(prompt_ids) >= self.max_context:
-            raise UserError(
-                f"the prompt has {len(prompt_ids)} tokens but at most {self.max_context - 1} fit "
-                f"(context length {self.stage.spec.max_position_embeddings}, KV capacity {self.capacity} tokens); "
-                "shorten the prompt"
-            )
+        prompt_ids = check_prompt_ids(self.stage.spec, prompt_ids, self.capacity)
         with self._id_lock:
             req_id = self._next_id
             self._next_id += 1
@@ -444,6 +433,25 @@ class Engine:
         timings = self._torch.zeros(self.num_stages, dtype=self._torch.float64)
         for work, _ in self.link.send_step(message, None, timings, 1):
             work.wait()
+
+
+def check_prompt_ids(spec: "ModelSpec", prompt_ids: Sequence[int], capacity: int | None = None) -> list[int]:
+    """The prompt as ints, refused if empty, outside the vocabulary or without room for one new token
+    (in the context, and in the KV pool once its `capacity` is known)."""
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise UserError("the prompt is empty; give at least one token")
+    bad = [t for t in prompt_ids if not 0 <= t < spec.vocab_size]
+    if bad:
+        raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{spec.vocab_size - 1})")
+    max_context = min(spec.max_position_embeddings, capacity or spec.max_position_embeddings)
+    if len(prompt_ids) >= max_context:
+        kv = f", KV capacity {capacity} tokens" if capacity else ""
+        raise UserError(
+            f"the prompt has {len(prompt_ids)} tokens but at most {max_context - 1} fit "
+            f"(context length {spec.max_position_embeddings}{kv}); shorten the prompt"
+        )
+    return prompt_ids
 
 
 # -- the user-facing API ------------------------------------------------------------------------------
