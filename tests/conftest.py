@@ -256,6 +256,22 @@ def _byte_of_symbol(symbol: str) -> int:
     return code if code in printable else extra[code - 256]
 
 
+@pytest.fixture(scope="session")
+def tiny_text_checkpoint(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The tiny llama with a real Hugging Face tokenizer folder (saved by transformers: byte-level,
+    vocabulary 256, no chat template) and a 32,768-token context, so that a server on it can
+    stream for as long as a test needs."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny_text") / "llama"
+    shutil.copytree(tiny_checkpoints["llama"], folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}, indent=2))
+    return folder
+
+
 def quantize_fp8_blocks(weight, block: int = FP8_BLOCK):
     """(float8_e4m3fn weight, float32 scale_inv [ceil(out/block), ceil(in/block)]): each block
     scaled so that its largest magnitude maps to 448, the largest e4m3 value."""

@@ -71,19 +71,14 @@ CLI_ERRORS = [
 
 
 @pytest.fixture(scope="module")
-def cli_errors(tiny_checkpoints, tmp_path_factory):
+def cli_errors(tiny_checkpoints, tiny_text_checkpoint, tmp_path_factory):
     """Runs every CLI_ERRORS command (four at a time): argv tuple -> CompletedProcess."""
     import shutil
     from concurrent.futures import ThreadPoolExecutor
 
     from safetensors.torch import load_file, save_file
 
-    from tests.conftest import byte_level_tokenizer
-
     root = tmp_path_factory.mktemp("cli_errors")
-    no_template = root / "no_template"
-    shutil.copytree(tiny_checkpoints["llama"], no_template)
-    byte_level_tokenizer().save_pretrained(no_template)
     broken = root / "broken"
     shutil.copytree(tiny_checkpoints["llama_tied"], broken)
     weights = load_file(broken / "model.safetensors")
@@ -92,7 +87,7 @@ def cli_errors(tiny_checkpoints, tmp_path_factory):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        names = dict(llama=tiny_checkpoints["llama"], no_template=no_template, broken=broken,
+        names = dict(llama=tiny_checkpoints["llama"], no_template=tiny_text_checkpoint, broken=broken,
                      busy_port=busy.getsockname()[1])
 
         def run(argv):
