@@ -87,26 +87,33 @@ def compositions(total: int, parts: int):
 
 
 def check_plan_against_brute_force(llm, folder, pp, partition, budget_bytes, mtp=False) -> None:
+    reports = llm.stage_reports
+    check_stages_against_brute_force(folder, pp, partition, budget_bytes, llm.plan.partition,
+                                     [r.param_bytes for r in reports], [r.kv_tokens for r in reports],
+                                     llm.max_total_num_tokens, mtp)
+
+
+def check_stages_against_brute_force(folder, pp, partition, budget_bytes, chosen, param_bytes, kv_tokens,
+                                     max_total_num_tokens, mtp=False) -> None:
     """The stages' measured bytes equal the checkpoint's; their KV tokens follow (budget - weights) //
-    (layers x KV bytes); without a partition the plan's capacity is the best of every contiguous split."""
+    (layers x KV bytes); without a partition the chosen split has the best capacity of every contiguous one."""
     per_token = kv_bytes_per_layer_token(folder)
+    chosen = tuple(chosen)
 
     def capacity(split):
         weights = checkpoint_stage_bytes(folder, split, mtp)
         return min((budget_bytes - w) // (n * per_token) for w, n in zip(weights, split)), weights
 
-    given = tuple(int(n) for n in partition.split(",")) if partition else None
-    assert sum(llm.plan.partition) == sum(given or llm.plan.partition)
-    if given:
-        assert llm.plan.partition == given
+    if partition:
+        assert chosen == tuple(int(n) for n in partition.split(","))
     else:
-        best = max(capacity(split)[0] for split in compositions(sum(llm.plan.partition), pp))
-        assert capacity(llm.plan.partition)[0] == best
-    tokens, weights = capacity(llm.plan.partition)
-    assert [r.param_bytes for r in llm.stage_reports] == weights
-    assert [r.kv_tokens for r in llm.stage_reports] == [
-        (budget_bytes - w) // (n * per_token) for w, n in zip(weights, llm.plan.partition)]
-    assert llm.max_total_num_tokens == tokens
+        assert len(chosen) == pp
+        best = max(capacity(split)[0] for split in compositions(sum(chosen), pp))
+        assert capacity(chosen)[0] == best
+    tokens, weights = capacity(chosen)
+    assert list(param_bytes) == weights
+    assert list(kv_tokens) == [(budget_bytes - w) // (n * per_token) for w, n in zip(weights, chosen)]
+    assert max_total_num_tokens == tokens
 
 
 @pytest.mark.parametrize(
