@@ -116,22 +116,33 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0) -> Path:
 
 
 def add_mtp_tensors(folder: Path, seed: int = 0) -> None:
-    """Writes the MTP module tensors (names and shapes from costs.mtp_tensors) into their own shard
-    and the index, as DeepSeek-V3 checkpoints store them; transformers does not save them."""
+    """Writes one MTP module into its own shard and the index, laid out as DeepSeek-V3's published
+    checkpoint stores model.layers.61.* (transformers does not save it): a full decoder layer, named
+    and shaped as transformers' own last (MoE) layer, plus embed_tokens, enorm, hnorm, eh_proj
+    [hidden, 2 x hidden] and shared_head.{norm,head}. Independent of pipesplit's inventory, so
+    tests that read it back check that inventory."""
     import json
 
     import torch
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from pipesplit.planner.costs import mtp_tensors
-    from pipesplit.planner.spec import load_spec
-
-    gen = torch.Generator().manual_seed(seed)
-    inventory = mtp_tensors(load_spec(str(folder)), 1, "float32")
-    tensors = {t.name: torch.randn(t.shape, generator=gen) * 0.08 for t in inventory}
-    save_file(tensors, folder / "model-mtp.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    hidden, vocab, last = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"] - 1
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
+    shapes = {}
+    for name, file in index["weight_map"].items():
+        if name.startswith(f"model.layers.{last}."):
+            with safe_open(folder / file, "pt") as f:
+                shapes[name.replace(f"model.layers.{last}.", f"model.layers.{last + 1}.")] = f.get_slice(name).get_shape()
+    mtp = f"model.layers.{last + 1}."
+    shapes.update({mtp + "embed_tokens.weight": [vocab, hidden], mtp + "enorm.weight": [hidden],
+                   mtp + "hnorm.weight": [hidden], mtp + "eh_proj.weight": [hidden, 2 * hidden],
+                   mtp + "shared_head.norm.weight": [hidden], mtp + "shared_head.head.weight": [vocab, hidden]})
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {name: torch.randn(shape, generator=gen) * 0.08 for name, shape in sorted(shapes.items())}
+    save_file(tensors, folder / "model-mtp.safetensors", metadata={"format": "pt"})
     index["weight_map"].update(dict.fromkeys(tensors, "model-mtp.safetensors"))
     index_path.write_text(json.dumps(index, indent=2))
 
