@@ -12,7 +12,6 @@ import os
 import queue
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,8 @@ from pipesplit.runtime.sampler import SamplingParams
 from pipesplit.runtime.scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
 
 if TYPE_CHECKING:
+    from torch.distributed import Store
+
     from pipesplit.planner.spec import ModelSpec
     from pipesplit.runtime.tokenizer import Tokenizer
 
@@ -80,17 +81,16 @@ class _Tracked:
 
 
 # -- process launch ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SpawnedStages:
     """Stage processes 1..P-1 on this machine, watched: if one dies, `on_death` is called."""
 
     def __init__(self, world_size: int, device: str) -> None:
-        self.port = free_port()
+        import torch.distributed as dist
+
+        # The rendezvous store listens on a port the OS picks (port 0): nothing can take the port
+        # between choosing and binding it, as with picking a free port and closing it again.
+        self.store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+        self.port = self.store.port
         self.closing = False
         env = dict(os.environ)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port), WORLD_SIZE=str(world_size), PIPESPLIT_SPAWNED="1")
@@ -110,8 +110,6 @@ class SpawnedStages:
         self._on_death = on_death
         threading.Thread(target=self._watch, daemon=True, name="stage-watch").start()
 
-    def init_method(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
 
     def _watch(self) -> None:
         while True:
@@ -162,7 +160,7 @@ class Engine:
         *,
         eos_token_ids: frozenset[int],
         detokenize: Callable[[list[int]], str],
-        init_method: str | None,
+        store: "Store | None",
         watched: bool = False,
     ) -> None:
         self.config = config
@@ -179,7 +177,7 @@ class Engine:
         self._next_id = 0
         self._id_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._init_method = init_method  # None: from the torchrun environment
+        self._store = store  # rank 0's rendezvous store; None: from the torchrun environment
         self.watched = watched  # a SpawnedStages watcher reports stage deaths (names the stage)
 
     # start-up runs in the caller's thread so that load errors surface there
@@ -191,7 +189,7 @@ class Engine:
 
         self._torch = torch
         self.stage, self.capacity, self.reports, self.link = start_stage(
-            encode(self.config), self.config.device, init_method=self._init_method, world=self.num_stages
+            encode(self.config), self.config.device, store=self._store, world=self.num_stages
         )
         self.allocator = SlotAllocator(self.capacity)
         self.scheduler = Scheduler(self.scheduler_config, self.allocator)
@@ -525,15 +523,17 @@ class LLM:
         self._closed = True
         self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
         if self._spawned is not None:
-            init_method = self._spawned.init_method()
+            store = self._spawned.store
         else:
-            init_method = None if torchrun else f"tcp://127.0.0.1:{free_port()}"
+            import torch.distributed as dist
+
+            store = None if torchrun else dist.HashStore()  # one process: no port at all
         self.engine = Engine(
             config,
             scheduler_config,
             eos_token_ids=frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.spec.eos_token_ids),
             detokenize=self.tokenizer.decode if self.tokenizer else (lambda ids: ""),
-            init_method=init_method,
+            store=store,
             watched=self._spawned is not None,
         )
         if self._spawned is not None:
