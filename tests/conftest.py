@@ -197,8 +197,6 @@ class HFReference:
 
     def greedy(self, ids, max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
         """Greedy continuation of `ids`; without `stop_at_eos` EOS neither stops nor is masked."""
-        import torch
-        from transformers import GenerationConfig
 
         run = self._greedy.get(tuple(ids), [])
         if len(run) < max_new_tokens:  # greedy is deterministic: a shorter run is a prefix of a longer one

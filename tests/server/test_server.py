@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from tests.runtime.test_text import EOS_PROMPT, JAPANESE, MULTI_TURN, spanning_stop
-
 import pytest
+
+from tests.runtime.test_text import EOS_PROMPT, JAPANESE, MULTI_TURN, spanning_stop
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -303,7 +303,6 @@ def test_seeded_sampling_repeats(client):
 
 
 def test_models_health_metrics(server, client, http, smollm2_hf):
-    from pipesplit.planner.spec import load_spec
     from pipesplit.runtime.loader import resolve_model
     from pipesplit.runtime.plan_bridge import runtime_plan
 
