@@ -135,6 +135,18 @@ def test_capacity_and_weights_equal_the_planners_prediction(tiny_checkpoints, na
         assert llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))[0].finish_reason == "length"
 
 
+def test_a_budget_too_small_for_the_weights_fails_before_any_process_starts(tiny_checkpoints, monkeypatch):
+    import pipesplit.runtime.engine as engine
+    from pipesplit.errors import UserError
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("stage processes were started")
+
+    monkeypatch.setattr(engine, "SpawnedStages", no_spawn)
+    with pytest.raises(UserError, match=r"stage 0 needs .* but its budget is .*; raise --mem-budget"):
+        LLM(str(tiny_checkpoints["llama"]), pp=2, mem_budget_gib=0.00001, log=False)
+
+
 def _workload(n, seed=0):
     rng = random.Random(seed)
     prompts = [[rng.randrange(256) for _ in range(rng.randint(1, 60))] for _ in range(n)]

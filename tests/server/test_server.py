@@ -519,6 +519,24 @@ def test_sigterm_aborts_requests_and_exits_zero(tiny_server, tiny_http):
     assert not any(_alive(pid) for pid in stages)
 
 
+def test_text_on_a_model_without_tokenizer_is_a_400():
+    """A checkpoint without tokenizer files serves token ids; text and chat get a 400, not a 500."""
+    from fastapi.testclient import TestClient
+
+    from pipesplit.server.app import OpenAIServer, build_app
+
+    llm = SimpleNamespace(engine=SimpleNamespace(error=None, max_context=64), tokenizer=None,
+                          spec=SimpleNamespace(max_position_embeddings=64), max_total_num_tokens=64)
+    with TestClient(build_app(OpenAIServer(llm, MODEL))) as test_client:
+        for path, body, param in (("/v1/completions", {"prompt": "hi"}, "prompt"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+                                   "messages")):
+            response = test_client.post(path, json={"model": MODEL, **body})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == param and "no tokenizer files" in error["message"]
+
+
 def test_a_template_that_raises_is_a_400():
     """The chat template's own raise_exception() reaches the client as a 400 naming the messages."""
     from fastapi.testclient import TestClient
