@@ -102,6 +102,7 @@ def cli_errors(tiny_checkpoints, tiny_text_checkpoint, tmp_path_factory):
     return runs, names
 
 
+@pytest.mark.slow  # 18 subprocesses, four at a time
 @pytest.mark.parametrize("argv,message", CLI_ERRORS, ids=[" ".join(a)[:60] for a, _ in CLI_ERRORS])
 def test_cli_error_is_one_line_with_exit_2(cli_errors, argv, message):
     import torch
