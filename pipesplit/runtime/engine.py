@@ -12,19 +12,25 @@ import os
 import queue
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipesplit.errors import UserError
 from pipesplit.planner.plan import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING_REQUESTS, Plan
 from pipesplit.runtime.messages import RunConfig, StageReport, StepMessage, encode
 from pipesplit.runtime.sampler import SamplingParams
 from pipesplit.runtime.scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
+
+if TYPE_CHECKING:
+    from torch.distributed import Store
+
+    from pipesplit.planner.spec import ModelSpec
+    from pipesplit.runtime.tokenizer import Tokenizer
 
 HEARTBEAT_SECONDS = 30.0
 WATCHER_GRACE_SECONDS = 3.0
@@ -78,17 +84,16 @@ class _Tracked:
 
 
 # -- process launch ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SpawnedStages:
     """Stage processes 1..P-1 on this machine, watched: if one dies, `on_death` is called."""
 
     def __init__(self, world_size: int, device: str) -> None:
-        self.port = free_port()
+        import torch.distributed as dist
+
+        # The rendezvous store listens on a port the OS picks (port 0): nothing can take the port
+        # between choosing and binding it, as with picking a free port and closing it again.
+        self.store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+        self.port = self.store.port
         self.closing = False
         env = dict(os.environ)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port), WORLD_SIZE=str(world_size), PIPESPLIT_SPAWNED="1")
@@ -108,8 +113,6 @@ class SpawnedStages:
         self._on_death = on_death
         threading.Thread(target=self._watch, daemon=True, name="stage-watch").start()
 
-    def init_method(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
 
     def _watch(self) -> None:
         while True:
@@ -160,7 +163,7 @@ class Engine:
         *,
         eos_token_ids: frozenset[int],
         detokenize: Callable[[list[int]], str],
-        init_method: str | None,
+        store: "Store | None",
         watched: bool = False,
     ) -> None:
         self.config = config
@@ -177,7 +180,7 @@ class Engine:
         self._next_id = 0
         self._id_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._init_method = init_method  # None: from the torchrun environment
+        self._store = store  # rank 0's rendezvous store; None: from the torchrun environment
         self.watched = watched  # a SpawnedStages watcher reports stage deaths (names the stage)
 
     # start-up runs in the caller's thread so that load errors surface there
@@ -190,7 +193,7 @@ class Engine:
 
         self._torch = torch
         self.stage, capacity, self.reports, self.link = start_stage(
-            encode(self.config), self.config.device, init_method=self._init_method, world=self.num_stages
+            encode(self.config), self.config.device, store=self._store, world=self.num_stages
         )
         self.capacity, self.window_slots = capacity.max_total_num_tokens, capacity.window_slots
         self.allocator = SlotAllocator(self.capacity)
@@ -208,19 +211,7 @@ class Engine:
     # -- called from any thread ----------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, on_output: Callable[[RequestOutput], None]) -> int:
         self.raise_if_dead()
-        prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise UserError("the prompt is empty; give at least one token")
-        vocab = self.stage.spec.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if len(prompt_ids) >= self.max_context:
-            raise UserError(
-                f"the prompt has {len(prompt_ids)} tokens but at most {self.max_context - 1} fit "
-                f"(context length {self.stage.spec.max_position_embeddings}, KV capacity {self.capacity} tokens); "
-                "shorten the prompt"
-            )
+        prompt_ids = check_prompt_ids(self.stage.spec, prompt_ids, self.capacity)
         with self._id_lock:
             req_id = self._next_id
             self._next_id += 1
@@ -457,7 +448,38 @@ class Engine:
             work.wait()
 
 
+def check_prompt_ids(spec: "ModelSpec", prompt_ids: Sequence[int], capacity: int | None = None) -> list[int]:
+    """The prompt as ints, refused if empty, outside the vocabulary or without room for one new token
+    (in the context, and in the KV pool once its `capacity` is known)."""
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise UserError("the prompt is empty; give at least one token")
+    bad = [t for t in prompt_ids if not 0 <= t < spec.vocab_size]
+    if bad:
+        raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{spec.vocab_size - 1})")
+    max_context = min(spec.max_position_embeddings, capacity or spec.max_position_embeddings)
+    if len(prompt_ids) >= max_context:
+        kv = f", KV capacity {capacity} tokens" if capacity else ""
+        raise UserError(
+            f"the prompt has {len(prompt_ids)} tokens but at most {max_context - 1} fit "
+            f"(context length {spec.max_position_embeddings}{kv}); shorten the prompt"
+        )
+    return prompt_ids
+
+
 # -- the user-facing API ------------------------------------------------------------------------------
+def encode_prompt(tokenizer: "Tokenizer | None", model_name: str, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+    """Token ids of a text prompt (through the chat template with `chat`); token ids pass through."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise UserError(f"{model_name} has no tokenizer files; give token ids (--prompt-ids 1,2,3) instead of text")
+        if chat:
+            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return tokenizer.encode(prompt)
+    return [int(t) for t in prompt]
+
+
+# ------------------------------------------------------------------------------
 class LLM:
     """A pipeline-parallel model: `with LLM("smollm2", pp=2) as llm: llm.generate(prompts, params)`.
 
@@ -487,8 +509,8 @@ class LLM:
     ) -> None:
         from pipesplit.planner.plan import window_pool_for
         from pipesplit.runtime.loader import resolve_model
-        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan
-        from pipesplit.runtime.tokenizer import load_tokenizer
+        from pipesplit.runtime.plan_bridge import budgets_for, check_fits, runtime_plan
+        from pipesplit.runtime.tokenizer import load_tokenizer_or_none
 
         if dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
@@ -503,10 +525,7 @@ class LLM:
                 raise UserError(f"torchrun started {world} processes but --pp is {pp}; make them equal")
         self.source = resolve_model(model)
         self.spec = self.source.spec
-        try:
-            self.tokenizer = load_tokenizer(self.source)
-        except UserError:
-            self.tokenizer = None  # a checkpoint without tokenizer files still runs on token ids
+        self.tokenizer = load_tokenizer_or_none(self.source)
         scheduler_config = SchedulerConfig(
             micro_batches=micro_batches or pp,
             max_batch_tokens=max_batch_tokens,
@@ -517,20 +536,23 @@ class LLM:
         window_pool = window_pool_for(self.spec, max_running_requests, max_batch_tokens, scheduler_config.micro_batches)
         budgets = budgets_for(self.spec, pp, device, mem_budget_gib, mem_fraction)
         self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp, window_pool)
+        check_fits(self.plan, device)
         cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
         config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp, window_pool)
         self._closed = True
         self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
         if self._spawned is not None:
-            init_method = self._spawned.init_method()
+            store = self._spawned.store
         else:
-            init_method = None if torchrun else f"tcp://127.0.0.1:{free_port()}"
+            import torch.distributed as dist
+
+            store = None if torchrun else dist.HashStore()  # one process: no port at all
         self.engine = Engine(
             config,
             scheduler_config,
             eos_token_ids=frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.spec.eos_token_ids),
             detokenize=self.tokenizer.decode if self.tokenizer else (lambda ids: ""),
-            init_method=init_method,
+            store=store,
             watched=self._spawned is not None,
         )
         if self._spawned is not None:
@@ -598,13 +620,7 @@ class LLM:
 
     # -- requests -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise UserError(f"{self.spec.name} has no tokenizer files; give token ids instead of text")
-            if chat:
-                return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        return encode_prompt(self.tokenizer, self.spec.name, prompt, chat)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, chat: bool = False) -> Iterator[RequestOutput]:
         """Yields a RequestOutput per new token; the last one has finished=True."""

@@ -79,3 +79,18 @@ def runtime_plan(
         window_pool=window_pool,
     )
 
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 100 else f"{n / 2**20:.3f} MiB"
+
+
+def check_fits(plan: Plan, device: str) -> None:
+    """Refuses a plan whose weights do not fit, or that leaves no token of KV cache, before anything loads."""
+    if plan.fits and plan.max_total_num_tokens >= 1:
+        return
+    stage = plan.stages[plan.binding_stage if plan.binding_stage is not None else 0]
+    knob = "--mem-fraction" if device == "cuda" else "--mem-budget"
+    raise UserError(
+        f"stage {stage.stage} needs {_gib(stage.weight_bytes)} for its weights (plus its KV cache) but its budget is "
+        f"{_gib(stage.usable_bytes)}; raise {knob}, add stages (--pp) or use a smaller --dtype"
+    )

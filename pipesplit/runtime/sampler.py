@@ -79,10 +79,11 @@ def sample_tokens(logits: "torch.Tensor", samplers: list[RequestSampler]) -> "to
     return tokens
 
 
-def _sample_row(logits: "torch.Tensor", sampler: RequestSampler) -> int:
+def token_probabilities(logits: "torch.Tensor", params: SamplingParams) -> "torch.Tensor":
+    """The distribution a sampled row draws from: softmax(logits / temperature) over the tokens that
+    top-k and then top-p keep (the order transformers' logits warpers apply), renormalised."""
     import torch
 
-    params = sampler.params
     # Shift before scaling: a tiny temperature then gives -inf for the others, never inf - inf.
     logits = (logits - logits.max()) / params.temperature
     if params.top_k > 0 and params.top_k < logits.numel():
@@ -95,4 +96,12 @@ def _sample_row(logits: "torch.Tensor", sampler: RequestSampler) -> int:
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+def _sample_row(logits: "torch.Tensor", sampler: RequestSampler) -> int:
+    import torch
+
+    probs = token_probabilities(logits, sampler.params)
     return int(torch.multinomial(probs, 1, generator=sampler.generator).item())

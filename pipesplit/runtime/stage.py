@@ -228,28 +228,35 @@ def stage_capacity(
 
 
 # -- process set-up -------------------------------------------------------------------------------
-def init_distributed(device: str, init_method: str | None = None, rank: int = 0, world: int = 1) -> tuple[int, torch.device]:
-    """Joins the process group: at `init_method` as rank 0 of `world` (the spawning process), or
-    as described by the torchrun-style environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
-    if init_method is None:
+def init_distributed(device: str, store: "dist.Store | None" = None, world: int = 1) -> tuple[int, torch.device]:
+    """Joins the process group: through rank 0's `store` as rank 0 of `world` (the spawning
+    process), as a stage process it spawned (a client of that store, at MASTER_ADDR:MASTER_PORT),
+    or as described by the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    rank = 0
+    kwargs: dict = {"store": store, "rank": 0, "world_size": world}
+    if store is None:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        init_method = "env://"
+        if os.environ.get("PIPESPLIT_SPAWNED") == "1":
+            client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+            kwargs = {"store": client, "rank": rank, "world_size": world}
+        else:
+            kwargs = {"init_method": "env://", "rank": rank, "world_size": world}
     if device == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if init_method == "env://" else 0
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if store is None else 0
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world, device_id=dev)
+        dist.init_process_group("nccl", device_id=dev, **kwargs)
     else:
         dev = torch.device("cpu")
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+        dist.init_process_group("gloo", **kwargs)
     return rank, dev
 
 
 def start_stage(
-    config_bytes: bytes | None, device_hint: str, init_method: str | None = None, world: int = 1
+    config_bytes: bytes | None, device_hint: str, store: "dist.Store | None" = None, world: int = 1
 ) -> tuple[Stage, int, list[StageReport], Link]:
     """Common start-up of every rank: config from rank 0, build, load, agree on capacity."""
-    rank, device = init_distributed(device_hint, init_method, 0, world)
+    rank, device = init_distributed(device_hint, store, world)
     config: RunConfig = decode(broadcast_bytes(config_bytes, device))
     torch.set_num_threads(max(1, config.threads))
     stage = Stage(config, rank, device)

@@ -87,6 +87,14 @@ def load_tokenizer(source: "CheckpointSource") -> Tokenizer:
     return _from_folder(Path(source.path))
 
 
+def load_tokenizer_or_none(source: "CheckpointSource") -> Tokenizer | None:
+    """The tokenizer, or None for a checkpoint without tokenizer files (it still runs on token ids)."""
+    try:
+        return load_tokenizer(source)
+    except UserError:
+        return None
+
+
 # -- Hugging Face folder ---------------------------------------------------------------------------
 def _token_text(value: Any) -> str | None:
     """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""

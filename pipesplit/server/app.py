@@ -135,15 +135,22 @@ class OpenAIServer:
                 raise APIError(400, f"got {len(prompt)} prompts; send one prompt per request", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self.llm.tokenizer.encode(prompt)
+            return self.tokenizer("prompt").encode(prompt)
         return list(prompt)
+
+    def tokenizer(self, param: str):
+        """The model's tokenizer; a checkpoint without tokenizer files only takes token ids."""
+        if self.llm.tokenizer is None:
+            raise APIError(400, f"{self.served_model_name} has no tokenizer files; send the prompt as token ids "
+                           "to /v1/completions", param=param)
+        return self.llm.tokenizer
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         from jinja2.exceptions import TemplateError  # the chat template's own raise_exception()
 
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            return list(self.llm.tokenizer.apply_chat_template(messages))
+            return list(self.tokenizer("messages").apply_chat_template(messages))
         except (UserError, TemplateError) as exc:
             raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
 

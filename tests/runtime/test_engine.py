@@ -29,6 +29,93 @@ def hf_greedy(folder, prompts, max_tokens):
     return outs
 
 
+def checkpoint_stage_bytes(folder, partition, mtp: bool = False) -> list[int]:
+    """Bytes each stage holds, summed from the checkpoint's own tensor headers (float32): its layers,
+    the embedding on the first stage, final norm and lm_head (the embedding when tied) on the last,
+    and with `mtp` the module stored after the last layer (model.layers.<num_layers>.*)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    sizes = {}
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            sizes.update({name: f.get_slice(name).get_shape() for name in f.keys()})
+    nbytes = {name: 4 * int(torch.tensor(shape).prod()) if shape else 4 for name, shape in sizes.items()}
+    num_layers = sum(partition)
+    per_layer = [0] * (num_layers + 1)
+    for name, n in nbytes.items():
+        found = re.match(r"model\.layers\.(\d+)\.", name)
+        if found:
+            per_layer[int(found.group(1))] += n
+    tied = json.loads((Path(folder) / "config.json").read_text()).get("tie_word_embeddings", False)
+    embed = nbytes["model.embed_tokens.weight"]
+    head = nbytes["model.norm.weight"] + (embed if tied else nbytes["lm_head.weight"])
+    stages, start = [], 0
+    for i, n in enumerate(partition):
+        total = sum(per_layer[start : start + n])
+        if i == 0:
+            total += embed
+        if i == len(partition) - 1:
+            total += head - (embed if tied and len(partition) == 1 else 0) + (per_layer[num_layers] if mtp else 0)
+        stages.append(total)
+        start += n
+    return stages
+
+
+def kv_bytes_per_layer_token(folder) -> int:
+    """float32 K and V (or MLA's latent + rope key) of one token in one layer, from config.json."""
+    import json
+    from pathlib import Path
+
+    c = json.loads((Path(folder) / "config.json").read_text())
+    if c.get("kv_lora_rank"):
+        return 4 * (c["kv_lora_rank"] + c["qk_rope_head_dim"])
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return 4 * 2 * c["num_key_value_heads"] * head_dim
+
+
+def compositions(total: int, parts: int):
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(1, total - parts + 2):
+        for rest in compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def check_plan_against_brute_force(llm, folder, pp, partition, budget_bytes, mtp=False) -> None:
+    reports = llm.stage_reports
+    check_stages_against_brute_force(folder, pp, partition, budget_bytes, llm.plan.partition,
+                                     [r.param_bytes for r in reports], [r.kv_tokens for r in reports],
+                                     llm.max_total_num_tokens, mtp)
+
+
+def check_stages_against_brute_force(folder, pp, partition, budget_bytes, chosen, param_bytes, kv_tokens,
+                                     max_total_num_tokens, mtp=False) -> None:
+    """The stages' measured bytes equal the checkpoint's; their KV tokens follow (budget - weights) //
+    (layers x KV bytes); without a partition the chosen split has the best capacity of every contiguous one."""
+    per_token = kv_bytes_per_layer_token(folder)
+    chosen = tuple(chosen)
+
+    def capacity(split):
+        weights = checkpoint_stage_bytes(folder, split, mtp)
+        return min((budget_bytes - w) // (n * per_token) for w, n in zip(weights, split)), weights
+
+    if partition:
+        assert chosen == tuple(int(n) for n in partition.split(","))
+    else:
+        assert len(chosen) == pp
+        best = max(capacity(split)[0] for split in compositions(sum(chosen), pp))
+        assert capacity(chosen)[0] == best
+    tokens, weights = capacity(chosen)
+    assert list(param_bytes) == weights
+    assert list(kv_tokens) == [(budget_bytes - w) // (n * per_token) for w, n in zip(weights, chosen)]
+    assert max_total_num_tokens == tokens
+
+
 @pytest.mark.parametrize(
     "name,pp,partition",
     [("llama", 2, None), ("llama", 3, "1,3,1"), ("llama_tied", 2, "3,1"), ("llama_tied", 3, None), ("qwen2", 2, "1,3")],
@@ -39,13 +126,25 @@ def test_capacity_and_weights_equal_the_planners_prediction(tiny_checkpoints, na
     spec = load_spec(folder)
     budgets = (int(budget_gib * GiB),) * pp
     predicted = runtime_plan(spec, pp, None, partition, "float32", budgets)
-    with LLM(folder, pp=pp, partition=partition, mem_budget_gib=budget_gib, log=False) as llm:
-        assert llm.plan == predicted
-        assert llm.max_total_num_tokens == predicted.max_total_num_tokens
+    with LLM(folder, pp=pp, partition=partition, mem_budget_gib=budget_gib, dtype="float32", log=False) as llm:
+        check_plan_against_brute_force(llm, folder, pp, partition, budgets[0])
+        assert llm.max_total_num_tokens == predicted.max_total_num_tokens  # the planner predicted it
         for stage, report in zip(predicted.stages, llm.stage_reports):
             assert report.param_bytes == stage.weight_bytes
             assert report.kv_tokens == stage.kv_tokens
         assert llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))[0].finish_reason == "length"
+
+
+def test_a_budget_too_small_for_the_weights_fails_before_any_process_starts(tiny_checkpoints, monkeypatch):
+    import pipesplit.runtime.engine as engine
+    from pipesplit.errors import UserError
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("stage processes were started")
+
+    monkeypatch.setattr(engine, "SpawnedStages", no_spawn)
+    with pytest.raises(UserError, match=r"stage 0 needs .* but its budget is .*; raise --mem-budget"):
+        LLM(str(tiny_checkpoints["llama"]), pp=2, mem_budget_gib=0.00001, log=False)
 
 
 def _workload(n, seed=0):
@@ -112,3 +211,43 @@ def test_stop_token_ids_and_streaming(tiny_checkpoints, workload_and_reference):
     assert list(out.token_ids) == full[: full.index(stop_at) + 1] and out.finish_reason == "stop"
     assert [t for s in streamed for t in s.delta_token_ids] == full
     assert [s.finished for s in streamed] == [False] * 9 + [True]
+
+
+@pytest.mark.parametrize("name,partition", [("mistral", "2,2"), ("qwen3", "3,3"), ("llama3_rope", "1,3"),
+                                            ("qwen2", "2,2")])
+def test_every_dense_family_equals_transformers_through_the_engine(tiny_checkpoints, name, partition):
+    """Stage processes at PP 2 (mistral's sliding window of 6 and llama3's rope scaling past 16
+    positions are both exceeded by the 17-token prompt)."""
+    from tests.runtime.test_models import MAX_NEW, PROMPTS
+    from tests.runtime.test_models import hf_greedy as hf_greedy_batch
+
+    folder = str(tiny_checkpoints[name])
+    with LLM(folder, pp=2, partition=partition, mem_budget_gib=0.01, dtype="float32", chunked_prefill_size=8,
+             log=False) as llm:
+        outputs = llm.generate(list(PROMPTS), SamplingParams(temperature=0, max_tokens=MAX_NEW))
+    assert [list(o.token_ids) for o in outputs] == hf_greedy_batch(folder, PROMPTS, MAX_NEW)
+
+
+def test_seeded_sampling_survives_preemption_chunked_prefill_and_pp(tiny_checkpoints):
+    """Seeded sampled outputs are the same at PP 1 with room to spare, at PP 2 in a pool so small that
+    requests are preempted and recomputed (prefill in chunks of 8), and for a request alone."""
+    folder = str(tiny_checkpoints["qwen3"])
+    prompts, _ = _workload(40, seed=3)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_tokens=12, seed=100 + i)
+              for i in range(len(prompts))]
+    with LLM(folder, pp=1, mem_budget_gib=0.01, dtype="float32", log=False) as llm:
+        roomy = [o.token_ids for o in llm.generate(prompts, params)]
+    spec = load_spec(folder)
+    longest = max(len(p) for p in prompts) + 12
+    budget = 200_000
+    while runtime_plan(spec, 2, None, None, "float32", (budget, budget)).max_total_num_tokens < longest + 8:
+        budget += 4096
+    with LLM(folder, pp=2, mem_budget_gib=budget / GiB, dtype="float32", chunked_prefill_size=8,
+             max_batch_tokens=64, log=False) as llm:
+        assert llm.max_total_num_tokens < 3 * longest
+        tight = [o.token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.stats.preemptions > 0
+        alone = llm.generate(prompts[5], params[5])[0].token_ids
+    assert tight == roomy
+    assert alone == roomy[5]
+    assert len(set(roomy)) > 30  # the seeds do make different draws

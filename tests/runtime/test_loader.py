@@ -266,12 +266,8 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizers(smollm2_gguf):
-    from transformers import AutoTokenizer
-
-    ours = load_tokenizer(resolve_model(str(smollm2_gguf)))
-    reference = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    return ours, reference
+def smollm2_tokenizers(smollm2_gguf, smollm2_hf):
+    return load_tokenizer(resolve_model(str(smollm2_gguf))), smollm2_hf.tokenizer
 
 
 def test_gguf_tokenizer_matches_transformers(smollm2_tokenizers):
@@ -288,21 +284,33 @@ def test_gguf_tokenizer_matches_transformers(smollm2_tokenizers):
 
 
 def test_folder_tokenizer_matches_transformers(smollm2_tokenizers, tmp_path):
-    """A Hugging Face folder (tokenizer.json + tokenizer_config.json) read by us and by AutoTokenizer."""
+    """A real Hugging Face folder, written by transformers' save_pretrained (tokenizer.json,
+    tokenizer_config.json, chat_template.jinja as the Hub ships them), read by us and by AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    ours_gguf, _ = smollm2_tokenizers
-    ours_gguf.backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": ours_gguf.chat_template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }))
+    _, gguf_reference = smollm2_tokenizers
+    gguf_reference.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     ours = load_tokenizer(SafetensorsSource(tmp_path))
     reference = AutoTokenizer.from_pretrained(str(tmp_path))
     for text in TEXTS:
-        assert ours.encode(text) == reference.encode(text), text
+        ids = ours.encode(text)
+        assert ids == reference.encode(text), text
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), text
     expected = reference.apply_chat_template(CHAT, add_generation_prompt=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert ours.apply_chat_template(CHAT) == expected
     assert ours.eos_token_ids == {0, 2}
+
+
+def test_byte_level_tokenizer_folder_of_the_tiny_text_model(tiny_text_checkpoint):
+    """The tiny text checkpoint's folder (saved by transformers) through our reader: every UTF-8 byte
+    one token, decoding a split character gives U+FFFD (what the detokenizer must hold back)."""
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer(SafetensorsSource(tiny_text_checkpoint))
+    reference = AutoTokenizer.from_pretrained(str(tiny_text_checkpoint))
+    text = "naïve 東京 🙂"
+    assert ours.encode(text) == reference.encode(text) == list(text.encode())
+    assert ours.decode(list("🙂".encode())[:3]) == "\ufffd" and ours.chat_template is None

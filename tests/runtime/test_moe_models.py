@@ -154,11 +154,14 @@ def test_mtp_module_is_read_only_when_asked(tiny_moe_checkpoints):
     assert not [n for n in plain.read_names if n.startswith(mtp_prefix)]
     with_mtp = RecordingSource(source)
     stage = load_stage(with_mtp, spec, (3, 5), False, True, mtp=True)
-    from pipesplit.planner.costs import mtp_tensors
+    from safetensors import safe_open
 
-    expected = {t.name: t.shape for t in mtp_tensors(spec, weight_dtype="float32")}
+    # the reference is what the checkpoint stores (laid out as DeepSeek-V3's, see add_mtp_tensors)
+    with safe_open(tiny_moe_checkpoints["deepseek_v3"] / "model-mtp.safetensors", "pt") as f:
+        expected = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
     held = {n: tuple(t.shape) for n, t in stage.state_dict().items() if n.startswith(mtp_prefix)}
     assert held == expected
+    assert sorted(n for n in with_mtp.read_names if n.startswith(mtp_prefix)) == sorted(expected)
     torch.testing.assert_close(stage.state_dict()[f"{mtp_prefix}eh_proj.weight"],
                                source.read(f"{mtp_prefix}eh_proj.weight"))
     with pytest.raises(ValueError, match="last stage"):
@@ -312,6 +315,22 @@ def test_fp8_checkpoint_generates_like_its_dequantized_weights(tiny_fp8_checkpoi
     assert pipeline.generate(PROMPTS, MAX_NEW) == hf_greedy(str(tiny_fp8_checkpoints["dequantized"]), PROMPTS, MAX_NEW)
     plan = runtime_plan(pipeline.spec, len(partition), None, partition, "float32", (1 << 26,) * len(partition))
     assert [live_weight_bytes(s) for s in pipeline.stages] == [s.weight_bytes for s in plan.stages]
+
+
+def test_fp8_dequantization_of_a_hand_computed_block_example():
+    """Independent of the fixture (whose expected weights use the loader's own formula): a 3x5 weight
+    in 2x4 blocks, values exact in e4m3, each multiplied by its block's scale by hand. (transformers'
+    FP8 loader does not dequantize to float32 on a CPU-only machine, so it cannot be the reference.)"""
+    weight = torch.tensor([[1.0, 2.0, -1.0, 0.5, 4.0],
+                           [3.0, -0.5, 1.5, 2.0, -2.0],
+                           [0.25, 1.0, -3.0, 6.0, 1.0]]).to(torch.float8_e4m3fn)
+    scale_inv = torch.tensor([[2.0, 10.0],
+                              [0.5, 0.125]])
+    expected = torch.tensor([[2.0, 4.0, -2.0, 1.0, 40.0],
+                             [6.0, -1.0, 3.0, 4.0, -20.0],
+                             [0.125, 0.5, -1.5, 3.0, 0.125]])
+    got = dequantize_fp8_blocks(weight, scale_inv, (2, 4))
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
 def test_fp8_scale_of_the_wrong_shape_is_a_user_error():

