@@ -47,7 +47,8 @@ def test_weights_capacity_and_outputs_equal_the_prediction(tiny_moe_checkpoints,
     assert predicted.stages[-1].mtp == mtp
     with LLM(folder, pp=pp, partition=partition, mem_budget_gib=BUDGET_GIB, mtp=mtp, dtype="float32",
              log=False) as llm:
-        check_plan_against_brute_force(llm, folder, pp, partition, int(BUDGET_GIB * GiB), mtp)
+        if window_pool is None:  # windowed capacity: brute force in tests/planner/test_windows.py
+            check_plan_against_brute_force(llm, folder, pp, partition, int(BUDGET_GIB * GiB), mtp)
         assert llm.max_total_num_tokens == predicted.max_total_num_tokens
         for stage, report in zip(predicted.stages, llm.stage_reports):
             assert report.param_bytes == stage.weight_bytes
