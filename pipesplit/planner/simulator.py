@@ -443,12 +443,17 @@ class PipelineConfig:
     chunked_prefill_size: int = 512
     prefix_caching: bool = True
 
+    def __post_init__(self) -> None:
+        for flag, value in (("--micro-batches", self.micro_batches), ("--max-batch-tokens", self.max_batch_tokens),
+                            ("--max-running-requests", self.max_running_requests),
+                            ("--chunked-prefill-size", self.chunked_prefill_size)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} is {value}; give at least 1")
+
     def scheduler_config(self, num_stages: int) -> SchedulerConfig:
-        try:
-            return SchedulerConfig(self.micro_batches or num_stages, self.max_batch_tokens, self.max_running_requests,
-                                   self.chunked_prefill_size, self.prefix_caching)
-        except ValueError as exc:
-            raise UserError(f"{exc}; fix the flag") from None
+        micro_batches = num_stages if self.micro_batches is None else self.micro_batches
+        return SchedulerConfig(micro_batches, self.max_batch_tokens, self.max_running_requests,
+                               self.chunked_prefill_size, self.prefix_caching)
 
 
 def simulate(spec: ModelSpec, partition: Sequence[int], capacity: int, costs: StepCosts, workload: Workload,
