@@ -536,3 +536,34 @@ def simulate(spec: ModelSpec, partition: Sequence[int], capacity: int, costs: St
                             f"{capacity} KV tokens of this split; shorten the requests or pick a split with more")
     first_arrival = min(arrival_of.values())
     return summarize(partition, capacity, finished, first_arrival, now, busy, steps, scheduler.num_preemptions)
+
+
+def chunk_pipeline_ttft(spec: ModelSpec, partition: Sequence[int], costs: StepCosts, prompt_len: int,
+                        chunk: int, context_grows: bool = True) -> float:
+    """TTFT of one prompt whose chunks are pipelined (chunk k+1 enters stage 0 while chunk k is on
+    stage 1, as SGLang's PP scheduler does; pipesplit's scheduler waits for a request's previous chunk).
+
+    A permutation flow shop: chunk j leaves stage s at C[j][s] = max(C[j-1][s], C[j][s-1] + hop) + p[j][s],
+    where chunk j attends to every earlier token and rank 0 adds its scheduling work to stage 0.
+    context_grows=False prices every chunk like the first (to isolate the effect of attention growth).
+    """
+    ranges, start = [], 0
+    for n in partition:
+        ranges.append((start, start + n))
+        start += n
+    last = len(partition) - 1
+    done = [0.0] * len(partition)  # when each stage finished its previous chunk
+    for begin in range(0, prompt_len, chunk):
+        q = min(chunk, prompt_len - begin)
+        final = begin + q == prompt_len
+        c = begin + q if context_grows else q
+        shape = StepShape(q, 1, q * c - q * (q - 1) // 2, c, 1 if final else 0)
+        hop = costs.transfer_seconds(costs.activation_bytes(shape))
+        ready = 0.0
+        for s, layers in enumerate(ranges):
+            work = costs.stage_seconds(s, layers, s == 0, s == last, shape)
+            if s == 0:
+                work += costs.schedule_seconds(shape)
+            done[s] = max(done[s], ready) + work
+            ready = done[s] + hop
+    return done[-1]

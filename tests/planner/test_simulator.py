@@ -301,3 +301,28 @@ def test_plan_objective_bad_input(capsys, argv, message):
 def test_plan_objective_needs_a_roofline_or_a_profile(capsys):
     assert main(["plan", "smollm2", "--pp", "2", "--gpu-mem", "24", "--objective", "max-throughput"]) == 2
     assert "--profile FILE" in capsys.readouterr().err
+
+
+def test_pipelined_chunks_are_a_flow_shop():
+    """Identical chunks: makespan = one chunk through every stage + (n - 1) bottleneck steps, whatever the
+    order of the stages; chunks that grow (attention over the context) favour the heavy stages last."""
+    from pipesplit.planner.simulator import chunk_pipeline_ttft
+
+    costs = ConstantCosts(stage=0.0, per_layer=0.001, hop=0.0, schedule=0.0)
+    n = 8
+    for partition in [(10, 10, 10), (6, 12, 12), (12, 12, 6)]:
+        expected = sum(partition) * 0.001 + (n - 1) * max(partition) * 0.001
+        assert chunk_pipeline_ttft(SMOL, partition, costs, n * 100, 100) == pytest.approx(expected)
+    growing = RooflineCosts(load_spec("llama-3.1-8b"), (find_gpu("H100"),) * 4)
+    spec = growing.spec
+    heavy_first = chunk_pipeline_ttft(spec, (9, 9, 7, 7), growing, 65536, 4096)
+    heavy_last = chunk_pipeline_ttft(spec, (7, 7, 9, 9), growing, 65536, 4096)
+    assert heavy_last < heavy_first
+    # equal chunks and no per-step work on rank 0: the order no longer matters (up to the head, last)
+    import dataclasses
+
+    from pipesplit.planner.simulator import Efficiency
+
+    ideal = dataclasses.replace(growing, efficiency=Efficiency(step_overhead_s=0.0))
+    flat = [chunk_pipeline_ttft(spec, p, ideal, 65536, 4096, context_grows=False) for p in [(9, 9, 7, 7), (7, 7, 9, 9)]]
+    assert flat[0] == pytest.approx(flat[1], rel=0.005)
