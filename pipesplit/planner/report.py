@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from pipesplit.errors import UserError
 from pipesplit.planner.engines import ENGINES, EngineModel, EngineSettings
-from pipesplit.planner.objectives import check_objective
 from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, GPUS, GiB, check_memory_settings, resolve_devices
+from pipesplit.planner.objectives import check_objective
 from pipesplit.planner.partition import DEFAULT_STRATEGY, check_stage_count, check_strategy
 from pipesplit.planner.plan import EXPLICIT, Plan, compare, make_plan
 

@@ -26,6 +26,7 @@ from typing import Protocol
 from pipesplit.errors import UserError
 from pipesplit.planner.costs import cost_model
 from pipesplit.planner.hardware import GpuSpec, find_gpu
+from pipesplit.planner.partition import stage_ranges
 from pipesplit.planner.spec import ModelSpec
 from pipesplit.runtime.kv_cache import SlotAllocator
 from pipesplit.runtime.prefix_cache import PrefixCache
@@ -466,10 +467,7 @@ def simulate(spec: ModelSpec, partition: Sequence[int], capacity: int, costs: St
                         f"{spec.name} has {spec.num_layers} layers")
     if capacity < 1:
         raise UserError("the split holds no KV tokens; pick a split that fits")
-    ranges, start = [], 0
-    for n in partition:
-        ranges.append((start, start + n))
-        start += n
+    ranges = stage_ranges(partition)
     sched_config = config.scheduler_config(num_stages)
     scheduler = Scheduler(sched_config, SlotAllocator(capacity), PrefixCache() if config.prefix_caching else None)
     max_context = min(spec.max_position_embeddings, capacity)
@@ -547,10 +545,7 @@ def chunk_pipeline_ttft(spec: ModelSpec, partition: Sequence[int], costs: StepCo
     where chunk j attends to every earlier token and rank 0 adds its scheduling work to stage 0.
     context_grows=False prices every chunk like the first (to isolate the effect of attention growth).
     """
-    ranges, start = [], 0
-    for n in partition:
-        ranges.append((start, start + n))
-        start += n
+    ranges = stage_ranges(partition)
     last = len(partition) - 1
     done = [0.0] * len(partition)  # when each stage finished its previous chunk
     for begin in range(0, prompt_len, chunk):

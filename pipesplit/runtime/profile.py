@@ -117,7 +117,6 @@ def _layer_times(spec, source, dtype, device, repeats) -> dict[str, tuple[list[S
                 seconds.append(_median_seconds(lambda: stage(h, ab, pools), device, repeats))
             shapes.append(_shape(batch))
         out[kind] = (shapes, seconds)
-        del stage, pools
     return out
 
 
