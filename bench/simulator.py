@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -33,7 +34,9 @@ from pipesplit.planner.simulator import (  # noqa: E402
     PipelineConfig,
     ProfileCosts,
     RequestTimes,
+    SimResult,
     Workload,
+    cpu_oversubscription,
     simulate,
     summarize,
 )
@@ -88,13 +91,77 @@ def run_real(llm: LLM, workload: Workload) -> tuple[list[RequestTimes], float, f
     return list(done.values()), min(arrived.values()), end
 
 
+def compare_row(pp, partition, name, measured, simulated) -> dict:
+    row = {"pp": pp, "partition": list(partition), "workload": name,
+           "measured": measured.to_json(), "simulated": simulated.to_json()}
+    for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
+        m, s = getattr(measured, key), getattr(simulated, key)
+        row[f"error_{key}"] = (s - m) / m
+    print(f"PP{pp} {','.join(map(str, partition)):>8} {name:<11} tok/s measured "
+          f"{measured.output_tokens_per_s:7.1f} simulated {simulated.output_tokens_per_s:7.1f} "
+          f"({row['error_output_tokens_per_s']:+.1%}); TTFT p50 {measured.ttft_p50 * 1e3:7.1f} / "
+          f"{simulated.ttft_p50 * 1e3:7.1f} ms ({row['error_ttft_p50']:+.1%}); TPOT p50 "
+          f"{measured.tpot_p50 * 1e3:6.1f} / {simulated.tpot_p50 * 1e3:6.1f} ms", flush=True)
+    return row
+
+
+def summarize_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Median and max absolute errors, and whether the simulator orders each group's splits
+    (by throughput and by TTFT p50, per PP and workload) as the measurements do."""
+    summary = {}
+    for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
+        errs = [abs(r[f"error_{key}"]) for r in rows]
+        summary[key] = {"median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+    orders = []
+    for pp, name in dict.fromkeys((r["pp"], r["workload"]) for r in rows):
+        group = [r for r in rows if r["pp"] == pp and r["workload"] == name]
+        for metric, sign in (("output_tokens_per_s", -1), ("ttft_p50", 1)):
+            rank = lambda which: [r["partition"] for r in  # noqa: E731
+                                  sorted(group, key=lambda r: sign * r[which][metric])]
+            orders.append({"pp": pp, "workload": name, "by": metric, "measured": rank("measured"),
+                           "simulated": rank("simulated"), "same": rank("measured") == rank("simulated")})
+    return summary, orders
+
+
+def resimulate(path: str) -> int:
+    """Recomputes the simulated side of a results file with the current simulator (same profiles,
+    same workloads), e.g. after a simulator change; the measurements stay as they were."""
+    from pipesplit.planner.simulator import Profile
+    from pipesplit.planner.spec import load_spec
+
+    doc = json.loads(Path(path).read_text())
+    spec = load_spec("smollm2")
+    loads = {k: Workload(**{**w, "prompt_len": tuple(w["prompt_len"]), "output_len": tuple(w["output_len"])})
+             for k, w in doc["workloads"].items()}
+    cores = doc["machine"]["cpus"]
+    profiles = {int(t): Profile.from_json(p) for t, p in doc["profiles"].items()}
+    rows = []
+    for old in doc["rows"]:
+        pp, partition = old["pp"], tuple(old["partition"])
+        profile = profiles[max(1, cores // pp)]
+        m = old["measured"]
+        measured = SimResult(**{**m, "partition": partition, "stage_busy": tuple(m["stage_busy"])})
+        simulated = simulate(spec, partition, m["max_total_num_tokens"],
+                             ProfileCosts(profile, spec, cpu_oversubscription(profile, pp)), loads[old["workload"]],
+                             PipelineConfig(**old.get("config", {})))
+        rows.append(compare_row(pp, partition, old["workload"], measured, simulated))
+    doc["summary"], doc["orders"] = summarize_rows(rows)
+    doc["rows"] = rows
+    print(json.dumps({"summary": doc["summary"], "orders": doc["orders"]}, indent=1))
+    Path(path).write_text(json.dumps(doc, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="float32", help="engine and profile dtype")
     ap.add_argument("--repeats", type=int, default=5, help="profile repeats")
     ap.add_argument("--out", default="bench/results/simulator.json")
+    ap.add_argument("--resimulate", metavar="FILE", help="recompute the simulated side of FILE, measure nothing")
     args = ap.parse_args()
+    if args.resimulate:
+        return resimulate(args.resimulate)
     started = time.perf_counter()
     splits = QUICK_SPLITS if args.quick else SPLITS
     loads = workloads(args.quick)
@@ -124,12 +191,9 @@ def main() -> int:
                 for name, workload in loads.items():
                     times, start, end = run_real(llm, workload)
                     measured = summarize(partition, capacity, times, start, end, [0.0] * pp, 0, 0)
-                    simulated = simulate(llm.spec, partition, capacity, ProfileCosts(profile, llm.spec), workload, config)
-                    row = {"pp": pp, "partition": list(partition), "workload": name,
-                           "measured": measured.to_json(), "simulated": simulated.to_json()}
-                    for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
-                        m, s = getattr(measured, key), getattr(simulated, key)
-                        row[f"error_{key}"] = (s - m) / m
+                    simulated = simulate(llm.spec, partition, capacity, ProfileCosts(profile, llm.spec, cpu_oversubscription(profile, pp)), workload, config)
+                    row = compare_row(pp, partition, name, measured, simulated)
+                    row["config"] = dataclasses.asdict(config)
                     rows.append(row)
                     print(f"PP{pp} {','.join(map(str, partition)):>8} {name:<11} tok/s measured "
                           f"{measured.output_tokens_per_s:7.1f} simulated {simulated.output_tokens_per_s:7.1f} "
@@ -139,18 +203,7 @@ def main() -> int:
             finally:
                 llm.close()
 
-    summary = {}
-    for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
-        errs = [abs(r[f"error_{key}"]) for r in rows]
-        summary[key] = {"median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
-    orders = []
-    for pp in splits:
-        for name in loads:
-            group = [r for r in rows if r["pp"] == pp and r["workload"] == name]
-            rank = lambda which: [tuple(r["partition"]) for r in  # noqa: E731
-                                  sorted(group, key=lambda r: -r[which]["output_tokens_per_s"])]
-            orders.append({"pp": pp, "workload": name, "measured": rank("measured"), "simulated": rank("simulated"),
-                           "same": rank("measured") == rank("simulated")})
+    summary, orders = summarize_rows(rows)
     doc = {
         "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version()},
         "dtype": args.dtype,

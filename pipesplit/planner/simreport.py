@@ -17,6 +17,7 @@ from pipesplit.planner.simulator import (
     SimResult,
     StepCosts,
     Workload,
+    cpu_oversubscription,
     load_profile,
     parse_range,
     roofline_costs,
@@ -55,7 +56,8 @@ def pipeline_config_of(args: argparse.Namespace, chunk: int | None) -> PipelineC
 def step_costs_of(args: argparse.Namespace, spec: ModelSpec, gpus: Sequence[str], tp: int, kv_dtype: str) -> StepCosts:
     """--profile FILE, or the roofline of the (catalog) GPUs."""
     if args.profile:
-        return ProfileCosts(load_profile(args.profile), spec)
+        profile = load_profile(args.profile)
+        return ProfileCosts(profile, spec, cpu_oversubscription(profile, len(gpus)))
     unknown = [g for g in gpus if find_gpu_or_none(g) is None]
     if unknown:
         raise UserError(f"{unknown[0]} is not a catalog GPU, so it has no roofline; give --gpu NAME or --profile FILE")
@@ -154,7 +156,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile)
         budgets = budgets_for(spec, args.pp, "cpu", args.mem_budget, 0.9)
         plan = runtime_plan(spec, args.pp, args.strategy, args.partition, profile.dtype, budgets)
-        costs: StepCosts = ProfileCosts(profile, spec)
+        costs: StepCosts = ProfileCosts(profile, spec, cpu_oversubscription(profile, args.pp))
     else:
         if not args.gpu:
             raise UserError("give --profile FILE (measured on this machine) or --gpu NAME (roofline)")

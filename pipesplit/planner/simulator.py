@@ -189,6 +189,14 @@ class Profile:
         return cls(**doc)
 
 
+def cpu_oversubscription(profile: Profile, num_stages: int) -> float:
+    """How much slower each CPU stage computes when all share the profiled machine's cores."""
+    cores = (profile.meta or {}).get("cpu_count") or 0
+    if profile.device != "cpu" or cores < 1:
+        return 1.0
+    return max(1.0, num_stages * profile.threads / cores)
+
+
 def load_profile(path: str) -> Profile:
     try:
         doc = json.loads(Path(path).read_text())
@@ -201,10 +209,16 @@ def load_profile(path: str) -> Profile:
 
 @dataclass(frozen=True)
 class ProfileCosts:
-    """Step costs from a measured profile: each stage sums its layers' fitted times."""
+    """Step costs from a measured profile: each stage sums its layers' fitted times.
+
+    The profile timed one stage alone. On a CPU whose cores the stages share (pp x threads > cores),
+    `oversubscription` (see `cpu_oversubscription`) stretches every stage's compute, as if all
+    stages computed at once: an upper bound when the pipeline has bubbles.
+    """
 
     profile: Profile
     spec: ModelSpec
+    oversubscription: float = 1.0
 
     def __post_init__(self) -> None:
         missing = sorted({layer_kind(self.spec, i) for i in range(self.spec.num_layers)} - set(self.profile.layers))
@@ -220,7 +234,7 @@ class ProfileCosts:
             t += p.embedding(shape)
         if last and shape.samples:
             t += p.head(shape)
-        return t
+        return t * self.oversubscription
 
     def transfer_seconds(self, num_bytes: int) -> float:
         return self.profile.transfer_latency + self.profile.transfer_per_byte * num_bytes

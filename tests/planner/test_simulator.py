@@ -326,3 +326,16 @@ def test_pipelined_chunks_are_a_flow_shop():
     ideal = dataclasses.replace(growing, efficiency=Efficiency(step_overhead_s=0.0))
     flat = [chunk_pipeline_ttft(spec, p, ideal, 65536, 4096, context_grows=False) for p in [(9, 9, 7, 7), (7, 7, 9, 9)]]
     assert flat[0] == pytest.approx(flat[1], rel=0.005)
+
+
+def test_cpu_stages_sharing_cores_compute_slower():
+    from pipesplit.planner.simulator import cpu_oversubscription
+
+    base = dict(model="m", dtype="float32", hidden_size=8, activation_itemsize=4, layers={}, embedding=Linear(),
+                head=Linear(), stage_step=Linear(), schedule=Linear(), transfer_latency=0.0, transfer_per_byte=0.0)
+    cpu = Profile(device="cpu", threads=1, meta={"cpu_count": 2}, **base)
+    assert cpu_oversubscription(cpu, 2) == 1.0 and cpu_oversubscription(cpu, 3) == 1.5
+    assert cpu_oversubscription(Profile(device="cuda", threads=1, meta={"cpu_count": 2}, **base), 8) == 1.0
+    shape = StepShape(1, 1, 1, 1, 0)
+    profile = Profile(device="cpu", threads=1, meta={"cpu_count": 2}, **{**base, "layers": {"dense": Linear(base=1.0)}})
+    assert ProfileCosts(profile, SMOL, 1.5).stage_seconds(1, (0, 2), False, False, shape) == pytest.approx(3.0)
