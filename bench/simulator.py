@@ -32,12 +32,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pipesplit import LLM, SamplingParams  # noqa: E402
 from pipesplit.planner.simulator import (  # noqa: E402
     PipelineConfig,
-    ProfileCosts,
     RequestTimes,
     SimResult,
     Workload,
-    cpu_oversubscription,
-    simulate,
+    simulate_on_cpu,
     summarize,
 )
 from pipesplit.runtime.profile import profile_model  # noqa: E402
@@ -141,9 +139,8 @@ def resimulate(path: str) -> int:
         profile = profiles[max(1, cores // pp)]
         m = old["measured"]
         measured = SimResult(**{**m, "partition": partition, "stage_busy": tuple(m["stage_busy"])})
-        simulated = simulate(spec, partition, m["max_total_num_tokens"],
-                             ProfileCosts(profile, spec, cpu_oversubscription(profile, pp)), loads[old["workload"]],
-                             PipelineConfig(**old.get("config", {})))
+        simulated = simulate_on_cpu(spec, partition, m["max_total_num_tokens"], profile, loads[old["workload"]],
+                                    PipelineConfig(**old.get("config", {})))
         rows.append(compare_row(pp, partition, old["workload"], measured, simulated))
     doc["summary"], doc["orders"] = summarize_rows(rows)
     doc["rows"] = rows
@@ -191,7 +188,7 @@ def main() -> int:
                 for name, workload in loads.items():
                     times, start, end = run_real(llm, workload)
                     measured = summarize(partition, capacity, times, start, end, [0.0] * pp, 0, 0)
-                    simulated = simulate(llm.spec, partition, capacity, ProfileCosts(profile, llm.spec, cpu_oversubscription(profile, pp)), workload, config)
+                    simulated = simulate_on_cpu(llm.spec, partition, capacity, profile, workload, config)
                     row = compare_row(pp, partition, name, measured, simulated)
                     row["config"] = dataclasses.asdict(config)
                     rows.append(row)

@@ -17,11 +17,11 @@ from pipesplit.planner.simulator import (
     SimResult,
     StepCosts,
     Workload,
-    cpu_oversubscription,
     load_profile,
     parse_range,
     roofline_costs,
     simulate,
+    simulate_on_cpu,
 )
 from pipesplit.planner.spec import ModelSpec
 
@@ -56,8 +56,7 @@ def pipeline_config_of(args: argparse.Namespace, chunk: int | None) -> PipelineC
 def step_costs_of(args: argparse.Namespace, spec: ModelSpec, gpus: Sequence[str], tp: int, kv_dtype: str) -> StepCosts:
     """--profile FILE, or the roofline of the (catalog) GPUs."""
     if args.profile:
-        profile = load_profile(args.profile)
-        return ProfileCosts(profile, spec, cpu_oversubscription(profile, len(gpus)))
+        return ProfileCosts(load_profile(args.profile), spec)
     unknown = [g for g in gpus if find_gpu_or_none(g) is None]
     if unknown:
         raise UserError(f"{unknown[0]} is not a catalog GPU, so it has no roofline; give --gpu NAME or --profile FILE")
@@ -68,6 +67,8 @@ def simulate_plan(spec: ModelSpec, plan: Plan, costs: StepCosts, workload: Workl
     if not plan.fits:
         raise UserError(f"partition {_csv(plan.partition)} does not fit (stage {plan.binding_stage}); "
                         "pick another split or more memory")
+    if isinstance(costs, ProfileCosts):  # CPU stages share the machine's cores
+        return simulate_on_cpu(spec, plan.partition, plan.max_total_num_tokens, costs.profile, workload, config)
     return simulate(spec, plan.partition, plan.max_total_num_tokens, costs, workload, config)
 
 
@@ -156,7 +157,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile)
         budgets = budgets_for(spec, args.pp, "cpu", args.mem_budget, 0.9)
         plan = runtime_plan(spec, args.pp, args.strategy, args.partition, profile.dtype, budgets)
-        costs: StepCosts = ProfileCosts(profile, spec, cpu_oversubscription(profile, args.pp))
+        costs: StepCosts = ProfileCosts(profile, spec)
     else:
         if not args.gpu:
             raise UserError("give --profile FILE (measured on this machine) or --gpu NAME (roofline)")

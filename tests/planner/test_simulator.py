@@ -329,13 +329,17 @@ def test_pipelined_chunks_are_a_flow_shop():
 
 
 def test_cpu_stages_sharing_cores_compute_slower():
-    from pipesplit.planner.simulator import cpu_oversubscription
+    from pipesplit.planner.simulator import simulate_on_cpu
 
-    base = dict(model="m", dtype="float32", hidden_size=8, activation_itemsize=4, layers={}, embedding=Linear(),
-                head=Linear(), stage_step=Linear(), schedule=Linear(), transfer_latency=0.0, transfer_per_byte=0.0)
-    cpu = Profile(device="cpu", threads=1, meta={"cpu_count": 2}, **base)
-    assert cpu_oversubscription(cpu, 2) == 1.0 and cpu_oversubscription(cpu, 3) == 1.5
-    assert cpu_oversubscription(Profile(device="cuda", threads=1, meta={"cpu_count": 2}, **base), 8) == 1.0
-    shape = StepShape(1, 1, 1, 1, 0)
-    profile = Profile(device="cpu", threads=1, meta={"cpu_count": 2}, **{**base, "layers": {"dense": Linear(base=1.0)}})
-    assert ProfileCosts(profile, SMOL, 1.5).stage_seconds(1, (0, 2), False, False, shape) == pytest.approx(3.0)
+    def profile(cores):
+        return Profile("m", "cpu", "float32", 1, 8, 4, {"dense": Linear(base=1e-3)}, Linear(), Linear(), Linear(),
+                       Linear(), 0.0, 0.0, meta={"cpu_count": cores})
+
+    w = Workload(12, (8, 8), (30, 30))
+    alone = simulate(SMOL, (10, 10, 10), 10_000, ProfileCosts(profile(16), SMOL), w)
+    assert simulate_on_cpu(SMOL, (10, 10, 10), 10_000, profile(16), w) == alone  # enough cores: no sharing
+    shared = simulate_on_cpu(SMOL, (10, 10, 10), 10_000, profile(1), w)
+    # three busy stages on one core: each computes ~sum(busy) times slower
+    assert shared.output_tokens_per_s < alone.output_tokens_per_s / 2
+    assert ProfileCosts(profile(2), SMOL, 1.5).stage_seconds(1, (0, 2), False, False, StepShape(1, 1, 1, 1, 0)) \
+        == pytest.approx(3e-3)
