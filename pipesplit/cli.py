@@ -47,6 +47,12 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--env", choices=["sglang", "vllm"], help="print the env var that makes that engine use the partition")
     p.add_argument("--offline", action="store_true", help="never download a Hub config.json (also HF_HUB_OFFLINE=1)")
+    p.add_argument("--objective", default=None,
+                   help="max-kv (default), max-throughput or min-ttft: the best split by simulated value "
+                   "(workload flags below; --chunked-prefill-size is the simulated scheduler's chunk)")
+    from pipesplit.planner.simreport import add_workload_args
+
+    add_workload_args(p, chunk_flag=False)
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -87,6 +93,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     gpus = sub.add_parser("gpus", help="list the GPU catalog")
     gpus.add_argument("--json", action="store_true")
 
+    sim = sub.add_parser("simulate", help="simulate the pipeline's scheduler: throughput, TTFT, TPOT, bubbles")
+    sim.add_argument("model", help="config.json, a folder holding one, or a built-in name")
+    sim.add_argument("--pp", type=int, required=True, help="pipeline stages")
+    group = sim.add_mutually_exclusive_group()
+    group.add_argument("--strategy", help="partition strategy (default max-kv)")
+    group.add_argument("--partition", help="explicit layers per stage, e.g. 6,24")
+    sim.add_argument("--gpu", help="roofline costs of this catalog GPU (one, or one per stage)")
+    sim.add_argument("--tp", type=int, default=1, help="roofline: tensor-parallel ranks per stage")
+    sim.add_argument("--kv-dtype", default="auto", help="roofline: KV cache dtype (auto|bfloat16|fp8|...)")
+    sim.add_argument("--mem-fraction", type=float, default=0.9, help="roofline: share of GPU memory used")
+    sim.add_argument("--reserve", type=float, default=2.0, help="roofline: GiB per GPU kept for activations")
+    sim.add_argument("--mem-budget", type=float, default=None, help="--profile: GiB per CPU stage (as the runtime)")
+    sim.add_argument("--json", action="store_true")
+    from pipesplit.planner.simreport import add_workload_args
+
+    add_workload_args(sim)
+
+    prof = sub.add_parser("profile", help="measure a model's step costs on this machine for `simulate --profile`")
+    prof.add_argument("model", help="checkpoint folder, .gguf file or built-in name (e.g. smollm2)")
+    prof.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    prof.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    prof.add_argument("--threads", type=int, default=None, help="torch threads (the runtime uses cores / pp)")
+    prof.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    prof.add_argument("--out", required=True, help="JSON file to write")
+
     gen = sub.add_parser("generate", help="run a model as a pipeline and generate text")
     gen.add_argument("model", help="checkpoint folder, .gguf file or built-in name (e.g. smollm2)")
     gen.add_argument("prompt", nargs="*", help="one or more prompts")
@@ -119,10 +150,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.command in ("generate", "serve"):
+    if args.command in ("generate", "serve", "profile"):
         # Set before torch loads OpenMP: stage processes share cores, idle threads must sleep.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
+        if args.command == "simulate":
+            from pipesplit.planner.simreport import simulate_command
+
+            return simulate_command(args)
+        if args.command == "profile":
+            from pipesplit.runtime.profile import profile_command
+
+            return profile_command(args)
         if args.command in ("plan", "models", "gpus"):
             from pipesplit.planner import report
 

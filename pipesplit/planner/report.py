@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pipesplit.errors import UserError
 from pipesplit.planner.engines import ENGINES, EngineModel, EngineSettings
 from pipesplit.planner.hardware import DEFAULT_RESERVE_GIB, GPUS, GiB, check_memory_settings, resolve_devices
+from pipesplit.planner.objectives import check_objective
 from pipesplit.planner.partition import DEFAULT_STRATEGY, check_stage_count, check_strategy
 from pipesplit.planner.plan import EXPLICIT, Plan, compare, make_plan, window_pool_for
 
@@ -48,12 +49,22 @@ def _engine_settings(args: argparse.Namespace) -> EngineSettings:
         flag = "--gpu-memory-utilization" if engine == "vllm" else "--mem-fraction-static"
         raise UserError(f"--mem-fraction is pipesplit's own budget; give {engine}'s {flag} with --engine {engine}")
     if engine == "pipesplit":
-        for key in ("max_num_batched_tokens", "page_size", "max_model_len"):
+        # With a simulation, --chunked-prefill-size is the simulated scheduler's chunk.
+        keys = ("page_size", "max_model_len") if _simulates(args) else ("max_num_batched_tokens", "page_size", "max_model_len")
+        for key in keys:
             if getattr(args, key) is not None:
                 raise UserError(f"--{key.replace('_', '-')} is an engine flag; add --engine sglang or --engine vllm")
     fraction = args.gpu_memory_utilization if engine == "vllm" else args.mem_fraction_static
-    return EngineSettings(engine, fraction, args.max_num_batched_tokens, args.max_num_seqs, args.max_model_len,
+    batched = None if engine == "pipesplit" else args.max_num_batched_tokens
+    return EngineSettings(engine, fraction, batched, args.max_num_seqs, args.max_model_len,
                           args.page_size, args.cuda_graph_max_bs, args.reserve if engine != "pipesplit" else None)
+
+
+def _simulates(args: argparse.Namespace) -> bool:
+    """--objective max-throughput/min-ttft, or --compare with a workload (--requests)."""
+    from pipesplit.planner.objectives import SIMULATED
+
+    return getattr(args, "objective", None) in SIMULATED or (args.compare and getattr(args, "requests", None) is not None)
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -78,7 +89,19 @@ def plan_command(args: argparse.Namespace) -> int:
     common = dict(reorder=args.reorder, mem_fraction=mem_fraction, reserve_gib=reserve, model=spec.name, engine=engine,
                   window_pool=window_pool)
 
-    if args.compare:
+    objective = args.objective or "max-kv"
+    check_objective(objective)
+    if args.objective and (args.strategy or args.partition):
+        raise UserError(f"--objective {objective} chooses the split; drop --strategy/--partition")
+    sim = None
+    if _simulates(args):
+        from pipesplit.planner.simreport import PlanSimulation
+
+        sim = PlanSimulation.from_args(args, spec, cost, devices, common)
+    if objective != "max-kv":
+        selected = sim.best()
+        plans = [*compare(cost, devices, **common), selected] if args.compare else [selected]
+    elif args.compare:
         plans = list(compare(cost, devices, partition=args.partition, **common))
         wanted = EXPLICIT if args.partition else args.strategy or DEFAULT_STRATEGY
         selected = next(p for p in plans if p.strategy == wanted)
@@ -116,6 +139,8 @@ def plan_command(args: argparse.Namespace) -> int:
             doc["launch"] = launch
         if warning:
             doc["warning"] = warning
+        if sim is not None:
+            doc["simulation"] = sim.to_json(plans)
         print(json.dumps(doc, indent=2))
         return 0
     if args.env:
@@ -141,6 +166,9 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.compare:
         print()
         print(format_comparison(plans))
+    if sim is not None:
+        print()
+        print(sim.format(plans if args.compare else [selected]))
     print()
     print(format_plan(selected, cost.kv_bytes_per_token_per_layer))
     if warning:

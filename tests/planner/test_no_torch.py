@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PLANNER_MODULES = ["spec", "costs", "hardware", "partition", "plan", "report"]
+PLANNER_MODULES = ["spec", "costs", "hardware", "partition", "plan", "report", "simulator", "objectives", "simreport"]
 
 
 def test_planner_imports_no_torch():

@@ -1,0 +1,222 @@
+"""Simulated vs measured: SmolLM2 on this CPU, several splits at PP2 and PP3, two workloads.
+
+1. `pipesplit profile` (the real runtime's layers, batches, scheduler and gloo transfers) on this
+   machine, once per thread count the runs use (the engine gives each stage cores // pp threads);
+2. for each split, the real engine (`pipesplit.LLM`) runs each workload: all requests at once, and
+   Poisson arrivals; every request produces exactly its output length (EOS ignored);
+3. `planner.simulator.simulate` runs the same requests (same token ids, same arrival times) with
+   the profile, and the errors of output throughput and TTFT p50 are reported, with whether the
+   simulator orders the splits (by throughput, per PP and workload) as the measurements do.
+
+    .venv/bin/python bench/simulator.py              # the full run (~10-15 minutes on 2 cores)
+    .venv/bin/python bench/simulator.py --quick      # two splits, small workloads: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pipesplit import LLM, SamplingParams  # noqa: E402
+from pipesplit.planner.simulator import (  # noqa: E402
+    PipelineConfig,
+    RequestTimes,
+    SimResult,
+    Workload,
+    simulate_on_cpu,
+    summarize,
+)
+from pipesplit.runtime.profile import profile_model  # noqa: E402
+
+SPLITS = {2: [(15, 15), (6, 24), (24, 6), (10, 20)], 3: [(10, 10, 10), (4, 13, 13), (20, 5, 5), (5, 5, 20)]}
+QUICK_SPLITS = {2: [(6, 24), (24, 6)]}
+
+
+def workloads(quick: bool) -> dict[str, Workload]:
+    n = 8 if quick else 20
+    return {
+        "all-at-once": Workload(n, (32, 128), (16, 32), None, seed=1),
+        "poisson": Workload(n, (32, 128), (16, 32), 3.0 if quick else 4.0, seed=2),
+    }
+
+
+def run_real(llm: LLM, workload: Workload) -> tuple[list[RequestTimes], float, float]:
+    """The workload through the engine with its arrival times; per-request times and the span."""
+    draws = workload.draw(llm.spec.vocab_size)
+    lock = threading.Lock()
+    first: dict[int, float] = {}
+    done: dict[int, RequestTimes] = {}
+    arrived: dict[int, float] = {}
+    all_done = threading.Event()
+
+    def on_output(req_id_box: list, n_out: int):
+        def cb(out) -> None:
+            now = time.perf_counter()
+            with lock:
+                rid = out.req_id
+                if out.token_ids and rid not in first:
+                    first[rid] = now
+                if out.finished:
+                    done[rid] = RequestTimes(arrived[rid], first[rid], now, len(out.token_ids))
+                    if len(done) == len(draws):
+                        all_done.set()
+        return cb
+
+    t0 = time.perf_counter()
+    for t, prompt, n_out in draws:
+        delay = t0 + t - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        with lock:
+            rid = llm.engine.submit(prompt, SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True),
+                                    on_output([], n_out))
+            arrived[rid] = time.perf_counter()
+    while not all_done.wait(0.2):
+        llm.engine.raise_if_dead()
+    end = max(r.finished for r in done.values())
+    return list(done.values()), min(arrived.values()), end
+
+
+def compare_row(pp, partition, name, measured, simulated) -> dict:
+    row = {"pp": pp, "partition": list(partition), "workload": name,
+           "measured": measured.to_json(), "simulated": simulated.to_json()}
+    for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
+        m, s = getattr(measured, key), getattr(simulated, key)
+        row[f"error_{key}"] = (s - m) / m
+    print(f"PP{pp} {','.join(map(str, partition)):>8} {name:<11} tok/s measured "
+          f"{measured.output_tokens_per_s:7.1f} simulated {simulated.output_tokens_per_s:7.1f} "
+          f"({row['error_output_tokens_per_s']:+.1%}); TTFT p50 {measured.ttft_p50 * 1e3:7.1f} / "
+          f"{simulated.ttft_p50 * 1e3:7.1f} ms ({row['error_ttft_p50']:+.1%}); TPOT p50 "
+          f"{measured.tpot_p50 * 1e3:6.1f} / {simulated.tpot_p50 * 1e3:6.1f} ms", flush=True)
+    return row
+
+
+def summarize_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Median and max absolute errors, and whether the simulator orders each group's splits
+    (by throughput and by TTFT p50, per PP and workload) as the measurements do."""
+    summary = {}
+    for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
+        errs = [abs(r[f"error_{key}"]) for r in rows]
+        summary[key] = {"median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+    orders = []
+    for pp, name in dict.fromkeys((r["pp"], r["workload"]) for r in rows):
+        group = [r for r in rows if r["pp"] == pp and r["workload"] == name]
+        for metric, sign in (("output_tokens_per_s", -1), ("ttft_p50", 1)):
+            rank = lambda which: [r["partition"] for r in  # noqa: E731
+                                  sorted(group, key=lambda r: sign * r[which][metric])]
+            orders.append({"pp": pp, "workload": name, "by": metric, "measured": rank("measured"),
+                           "simulated": rank("simulated"), "same": rank("measured") == rank("simulated")})
+    return summary, orders
+
+
+def resimulate(path: str) -> int:
+    """Recomputes the simulated side of a results file with the current simulator (same profiles,
+    same workloads), e.g. after a simulator change; the measurements stay as they were."""
+    from pipesplit.planner.simulator import Profile
+    from pipesplit.planner.spec import load_spec
+
+    doc = json.loads(Path(path).read_text())
+    spec = load_spec("smollm2")
+    loads = {k: Workload(**{**w, "prompt_len": tuple(w["prompt_len"]), "output_len": tuple(w["output_len"])})
+             for k, w in doc["workloads"].items()}
+    cores = doc["machine"]["cpus"]
+    profiles = {int(t): Profile.from_json(p) for t, p in doc["profiles"].items()}
+    rows = []
+    for old in doc["rows"]:
+        pp, partition = old["pp"], tuple(old["partition"])
+        profile = profiles[max(1, cores // pp)]
+        m = old["measured"]
+        measured = SimResult(**{**m, "partition": partition, "stage_busy": tuple(m["stage_busy"])})
+        simulated = simulate_on_cpu(spec, partition, m["max_total_num_tokens"], profile, loads[old["workload"]],
+                                    PipelineConfig(**old.get("config", {})))
+        rows.append(compare_row(pp, partition, old["workload"], measured, simulated))
+    doc["summary"], doc["orders"] = summarize_rows(rows)
+    doc["rows"] = rows
+    print(json.dumps({"summary": doc["summary"], "orders": doc["orders"]}, indent=1))
+    Path(path).write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtype", default="float32", help="engine and profile dtype")
+    ap.add_argument("--repeats", type=int, default=5, help="profile repeats")
+    ap.add_argument("--out", default="bench/results/simulator.json")
+    ap.add_argument("--resimulate", metavar="FILE", help="recompute the simulated side of FILE, measure nothing")
+    args = ap.parse_args()
+    if args.resimulate:
+        return resimulate(args.resimulate)
+    started = time.perf_counter()
+    splits = QUICK_SPLITS if args.quick else SPLITS
+    loads = workloads(args.quick)
+    cores = os.cpu_count() or 1
+
+    profiles = {}
+    for pp in splits:
+        threads = max(1, cores // pp)
+        if threads not in profiles:
+            print(f"profiling smollm2 with {threads} thread(s)", file=sys.stderr, flush=True)
+            profiles[threads] = profile_model("smollm2", "cpu", args.dtype, threads, args.repeats)
+    profile_seconds = time.perf_counter() - started
+
+    rows = []
+    for pp, parts in splits.items():
+        profile = profiles[max(1, cores // pp)]
+        for partition in parts:
+            llm = LLM("smollm2", pp=pp, partition=list(partition), dtype=args.dtype, log=False)
+            try:
+                llm.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+                capacity = llm.max_total_num_tokens
+                config = PipelineConfig(micro_batches=llm.engine.scheduler_config.micro_batches,
+                                        max_batch_tokens=llm.engine.scheduler_config.max_batch_tokens,
+                                        max_running_requests=llm.engine.scheduler_config.max_running_requests,
+                                        chunked_prefill_size=llm.engine.scheduler_config.chunked_prefill_size,
+                                        prefix_caching=llm.engine.scheduler_config.prefix_caching)
+                for name, workload in loads.items():
+                    times, start, end = run_real(llm, workload)
+                    measured = summarize(partition, capacity, times, start, end, [0.0] * pp, 0, 0)
+                    simulated = simulate_on_cpu(llm.spec, partition, capacity, profile, workload, config)
+                    row = compare_row(pp, partition, name, measured, simulated)
+                    row["config"] = dataclasses.asdict(config)
+                    rows.append(row)
+                    print(f"PP{pp} {','.join(map(str, partition)):>8} {name:<11} tok/s measured "
+                          f"{measured.output_tokens_per_s:7.1f} simulated {simulated.output_tokens_per_s:7.1f} "
+                          f"({row['error_output_tokens_per_s']:+.1%}); TTFT p50 {measured.ttft_p50 * 1e3:7.1f} / "
+                          f"{simulated.ttft_p50 * 1e3:7.1f} ms ({row['error_ttft_p50']:+.1%}); TPOT p50 "
+                          f"{measured.tpot_p50 * 1e3:6.1f} / {simulated.tpot_p50 * 1e3:6.1f} ms", flush=True)
+            finally:
+                llm.close()
+
+    summary, orders = summarize_rows(rows)
+    doc = {
+        "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version()},
+        "dtype": args.dtype,
+        "profile_seconds": round(profile_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "workloads": {k: vars(w) for k, w in loads.items()},
+        "summary": summary,
+        "orders": orders,
+        "rows": rows,
+        "profiles": {str(t): p.to_json() for t, p in profiles.items()},
+    }
+    print(json.dumps({"summary": summary, "orders": orders, "total_seconds": doc["total_seconds"]}, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,593 @@
+"""A discrete-event simulation of pipesplit's pipeline, driving the real `Scheduler` on simulated time.
+
+The loop is the engine's (`runtime/engine.py`, `Engine._run`): rank 0 takes arrivals, asks the
+scheduler for a micro-batch while fewer than M are in flight, pays its scheduling work and runs
+stage 0's layers itself, then hands the batch on; every other stage is a single worker that takes
+batches in order (`stage.worker_loop`); the last stage samples and replies to rank 0, which
+completes the oldest batch in flight when it cannot schedule another. The scheduler's policy
+(continuous batching, chunked prefill, M micro-batches, preemption at the planned capacity,
+prefix cache) is the runtime's own class, so the simulation follows it as it changes.
+
+What a step costs comes from a `StepCosts`: a measured profile (`pipesplit profile`, see
+`ProfileCosts`) or a roofline of a catalog GPU (`RooflineCosts`). Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pipesplit.errors import UserError
+from pipesplit.planner.costs import cost_model
+from pipesplit.planner.hardware import GpuSpec, find_gpu
+from pipesplit.planner.partition import stage_ranges
+from pipesplit.planner.spec import ModelSpec
+from pipesplit.runtime.kv_cache import SlotAllocator
+from pipesplit.runtime.prefix_cache import PrefixCache
+from pipesplit.runtime.sampler import SamplingParams
+from pipesplit.runtime.scheduler import Request, ScheduledBatch, Scheduler, SchedulerConfig
+
+PROFILE_FORMAT = 1
+
+
+# -- workload ----------------------------------------------------------------------------------------
+def parse_range(text: str, flag: str) -> tuple[int, int]:
+    """`128` or `64-256` -> (low, high), both at least 1."""
+    parts = str(text).split("-")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a length or a range; give e.g. 128 or 64-256") from None
+    if not 1 <= low <= high:
+        raise UserError(f"{flag} {text!r} must be N or A-B with 1 <= A <= B")
+    return low, high
+
+
+@dataclass(frozen=True)
+class Workload:
+    """N requests with uniform random prompt and output lengths, arriving all at once (rate None)
+    or as a Poisson process of `rate` requests per second; the same seed gives the same requests."""
+
+    requests: int
+    prompt_len: tuple[int, int]
+    output_len: tuple[int, int]
+    rate: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.requests < 1:
+            raise UserError(f"--requests is {self.requests}; give at least 1")
+        if self.rate is not None and not self.rate > 0:
+            raise UserError(f"--rate is {self.rate:g}; give a positive number of requests per second, or leave it out")
+        for flag, (low, high) in (("--prompt-len", self.prompt_len), ("--output-len", self.output_len)):
+            if not 1 <= low <= high:
+                raise UserError(f"{flag} {low}-{high} must have 1 <= A <= B")
+
+    def draw(self, vocab_size: int) -> list[tuple[float, list[int], int]]:
+        """(arrival seconds, prompt token ids, output tokens) per request, in arrival order.
+
+        Prompt tokens are random ids, so requests share no prefix (the bench sends the same ids
+        to the real engine)."""
+        rng = random.Random(self.seed)
+        t, out = 0.0, []
+        for _ in range(self.requests):
+            if self.rate is not None:
+                t += rng.expovariate(self.rate)
+            n = rng.randint(*self.prompt_len)
+            prompt = [rng.randrange(vocab_size) for _ in range(n)]
+            out.append((t, prompt, rng.randint(*self.output_len)))
+        return out
+
+
+# -- what one step costs ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepShape:
+    """What a micro-batch asks of a stage: new tokens, sequences, attention pairs (each new token
+    times its context), context tokens read, and rows sampled on the last stage."""
+
+    tokens: int
+    seqs: int
+    attention: int
+    context: int
+    samples: int
+
+
+def shape_of(batch: ScheduledBatch) -> StepShape:
+    seqs = batch.message.seqs
+    attention = context = 0
+    for s in seqs:
+        q, c = len(s.new_slots), s.context_len
+        attention += q * c - q * (q - 1) // 2  # causal: the i-th new token sees c - q + i + 1 keys
+        context += c
+    return StepShape(sum(len(s.new_slots) for s in seqs), len(seqs), attention, context, batch.message.num_samples)
+
+
+class StepCosts(Protocol):
+    """Seconds of each piece of a pipeline step."""
+
+    def stage_seconds(self, stage: int, layers: tuple[int, int], first: bool, last: bool, shape: StepShape) -> float:
+        """A stage's compute for one step: its layers, the embedding (first), norm + head + sampling (last)."""
+
+    def transfer_seconds(self, num_bytes: int) -> float:
+        """One stage-to-stage hand-off of `num_bytes` (hidden states plus the step message)."""
+
+    def schedule_seconds(self, shape: StepShape) -> float:
+        """Rank 0's own work per step besides stage 0's layers: scheduling, messages, completion."""
+
+    def activation_bytes(self, shape: StepShape) -> int:
+        """Bytes handed from one stage to the next."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """seconds = base + per_token * tokens + per_seq * seqs + per_attention * attention pairs
+    + per_context * context tokens + per_sample * rows sampled (coefficients fitted by the profiler)."""
+
+    base: float = 0.0
+    per_token: float = 0.0
+    per_seq: float = 0.0
+    per_attention: float = 0.0
+    per_context: float = 0.0
+    per_sample: float = 0.0
+
+    FEATURES = ("base", "per_token", "per_seq", "per_attention", "per_context", "per_sample")
+
+    def __call__(self, shape: StepShape) -> float:
+        return (self.base + self.per_token * shape.tokens + self.per_seq * shape.seqs
+                + self.per_attention * shape.attention + self.per_context * shape.context
+                + self.per_sample * shape.samples)
+
+    @staticmethod
+    def features(shape: StepShape) -> list[float]:
+        return [1.0, shape.tokens, shape.seqs, shape.attention, shape.context, shape.samples]
+
+
+def layer_kind(spec: ModelSpec, layer: int) -> str:
+    """The profile's name for what layer `layer` is: its MLP kind, with `mla-` for MLA attention."""
+    return ("mla-" if spec.mla is not None else "") + spec.mlp_kind(layer)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Measured step costs of one model on one machine (written by `pipesplit profile`)."""
+
+    model: str
+    device: str
+    dtype: str
+    threads: int
+    hidden_size: int
+    activation_itemsize: int
+    layers: dict[str, Linear]  # per layer kind (see layer_kind)
+    embedding: Linear
+    head: Linear  # final norm + lm_head + sampling, on the last stage
+    stage_step: Linear  # per stage and step: its view of the slots and the AttentionBatch
+    schedule: Linear  # rank 0 per step: Scheduler.schedule + message encoding + Scheduler.complete
+    transfer_latency: float  # seconds per hand-off
+    transfer_per_byte: float  # seconds per byte
+    meta: dict | None = None
+
+    def to_json(self) -> dict:
+        doc = asdict(self)
+        doc["format"] = PROFILE_FORMAT
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Profile":
+        if doc.get("format") != PROFILE_FORMAT:
+            raise UserError(f"profile format {doc.get('format')!r} is not {PROFILE_FORMAT}; rerun `pipesplit profile`")
+        doc = {k: v for k, v in doc.items() if k != "format"}
+        lin = lambda d: Linear(**d)  # noqa: E731
+        doc["layers"] = {k: lin(v) for k, v in doc["layers"].items()}
+        for key in ("embedding", "head", "stage_step", "schedule"):
+            doc[key] = lin(doc[key])
+        return cls(**doc)
+
+
+def load_profile(path: str) -> Profile:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"profile {path} does not exist; write one with `pipesplit profile MODEL --out {path}`") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"profile {path} is not JSON ({exc}); write it with `pipesplit profile`") from None
+    return Profile.from_json(doc)
+
+
+@dataclass(frozen=True)
+class ProfileCosts:
+    """Step costs from a measured profile: each stage sums its layers' fitted times.
+
+    The profile timed one stage alone; `oversubscription` stretches every stage's compute when the
+    stages share a CPU's cores (see `simulate_on_cpu`).
+    """
+
+    profile: Profile
+    spec: ModelSpec
+    oversubscription: float = 1.0
+
+    def __post_init__(self) -> None:
+        missing = sorted({layer_kind(self.spec, i) for i in range(self.spec.num_layers)} - set(self.profile.layers))
+        if missing:
+            raise UserError(f"the profile of {self.profile.model} has no {', '.join(missing)} layers that "
+                            f"{self.spec.name} needs; profile {self.spec.name} itself")
+
+    def stage_seconds(self, stage: int, layers: tuple[int, int], first: bool, last: bool, shape: StepShape) -> float:
+        p = self.profile
+        counts = collections.Counter(layer_kind(self.spec, i) for i in range(*layers))
+        t = p.stage_step(shape) + sum(n * p.layers[kind](shape) for kind, n in counts.items())
+        if first:
+            t += p.embedding(shape)
+        if last and shape.samples:
+            t += p.head(shape)
+        return t * self.oversubscription
+
+    def transfer_seconds(self, num_bytes: int) -> float:
+        return self.profile.transfer_latency + self.profile.transfer_per_byte * num_bytes
+
+    def schedule_seconds(self, shape: StepShape) -> float:
+        return self.profile.schedule(shape)
+
+    def activation_bytes(self, shape: StepShape) -> int:
+        return shape.tokens * self.profile.hidden_size * self.profile.activation_itemsize
+
+
+# -- the roofline ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinkSpec:
+    name: str
+    bandwidth_gbs: float  # GB/s one way, per GPU
+    latency_us: float  # one small message, including the communication library's launch
+
+
+LINKS: dict[str, LinkSpec] = {
+    # NVIDIA H100/H200 datasheets: NVLink 4, 900 GB/s per GPU (both directions together) -> 450 one way.
+    # Latency: NCCL point-to-point over NVLink is a few microseconds (NCCL tests, small messages).
+    "nvlink": LinkSpec("nvlink", 450.0, 5.0),
+    # PCI-SIG PCIe 5.0 x16: 32 GT/s x 16 lanes = 64 GB/s one way (about 55 achievable).
+    "pcie": LinkSpec("pcie", 55.0, 10.0),
+    # NVIDIA ConnectX-7 / Quantum-2 NDR InfiniBand: 400 Gb/s = 50 GB/s per port; GPUDirect RDMA.
+    "ib": LinkSpec("ib", 50.0, 15.0),
+    # 100 GbE (IEEE 802.3ba/bj): 12.5 GB/s; TCP sockets (NCCL's socket transport) add tens of microseconds.
+    "ethernet": LinkSpec("ethernet", 12.5, 50.0),
+}
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Shares of a GPU's datasheet numbers that kernels reach (documented assumptions, not measured):
+    HBM streams reach ~80% of peak bandwidth (STREAM-like copies, decode GEMVs); large BF16 GEMMs
+    reach ~60% of dense peak in serving engines' prefill; every layer pays fixed kernel launches
+    (~12 kernels of ~5 us without CUDA graphs; decode engines capture graphs, which hides most of it)."""
+
+    bandwidth: float = 0.8
+    compute: float = 0.6
+    layer_overhead_s: float = 30e-6
+    step_overhead_s: float = 2e-3  # rank 0's scheduling and bookkeeping per step (a Python scheduler)
+    stage_overhead_s: float = 0.2e-3  # each stage per step: metadata, receiving, launching
+
+    def __post_init__(self) -> None:
+        for name in ("bandwidth", "compute"):
+            if not 0 < getattr(self, name) <= 1:
+                raise UserError(f"efficiency {name} is {getattr(self, name)}; give a share in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RooflineCosts:
+    """Step costs of a catalog GPU: each layer takes the longer of its bytes over bandwidth and its
+    FLOPs over peak (times the efficiency factors), plus a fixed launch cost; links per `LINKS`."""
+
+    spec: ModelSpec
+    gpus: tuple[GpuSpec, ...]  # per stage
+    tp: int = 1
+    link: LinkSpec = LINKS["nvlink"]
+    efficiency: Efficiency = Efficiency()
+    kv_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        cost = cost_model(self.spec, self.tp, self.kv_dtype, weight_dtype=None)
+        object.__setattr__(self, "_cost", cost)
+        object.__setattr__(self, "_expert_bytes", self._routed_expert_bytes())
+        # Layers with equal bytes and FLOPs cost the same: a stage sums (count x one of them).
+        kinds = [(cost.layer_weight_bytes[i], self._expert_bytes[i], cost.layer_flops_per_token[i])
+                 for i in range(self.spec.num_layers)]
+        object.__setattr__(self, "_kind", tuple(kinds.index(k) for k in kinds))
+
+    def _routed_expert_bytes(self) -> tuple[int, ...]:
+        from pipesplit.planner.costs import layer_tensors
+
+        out = []
+        for i in range(self.spec.num_layers):
+            out.append(sum(t.nbytes for t in layer_tensors(self.spec, i, self.tp) if ".experts." in t.name))
+        return tuple(out)
+
+    def _attention_flops(self, shape: StepShape) -> float:
+        s = self.spec
+        heads = max(1, s.num_attention_heads // self.tp)
+        if s.mla is not None:
+            # Prefill runs MLA as multi-head attention (qk_head_dim scores, v_head_dim values), decode
+            # in the absorbed form over the latent cache (kv_lora + rope, then kv_lora); the cheaper one.
+            absorbed = 2 * heads * (2 * s.mla.kv_lora_rank + s.mla.qk_rope_head_dim)
+            mha = 2 * heads * (s.mla.qk_head_dim + s.mla.v_head_dim)
+            per_pair = min(absorbed, mha)
+        else:
+            per_pair = 2 * heads * 2 * s.head_dim
+        return per_pair * shape.attention
+
+    def _layer_seconds(self, layer: int, gpu: GpuSpec, shape: StepShape) -> float:
+        c, e = self._cost, self.efficiency
+        weights = c.layer_weight_bytes[layer]
+        experts = self._expert_bytes[layer]
+        if experts and self.spec.moe is not None:  # only the experts some token routes to are read
+            moe = self.spec.moe
+            touched = moe.num_experts * (1 - (1 - moe.num_experts_per_tok / moe.num_experts) ** shape.tokens)
+            weights = weights - experts + experts * touched / moe.num_experts
+        kv_read = shape.context * c.kv_bytes_per_token_per_layer
+        moved = weights + kv_read + 2 * shape.tokens * self.spec.hidden_size * 2
+        flops = c.layer_flops_per_token[layer] * shape.tokens + self._attention_flops(shape)
+        return max(moved / (gpu.bandwidth_gbs * 1e9 * e.bandwidth), flops / (gpu.bf16_tflops * 1e12 * e.compute)) \
+            + e.layer_overhead_s
+
+    def _head_seconds(self, gpu: GpuSpec, shape: StepShape) -> float:
+        c, e = self._cost, self.efficiency
+        moved = c.head_bytes + shape.samples * self.spec.vocab_size * 4
+        flops = c.head_flops_per_token * shape.samples
+        return max(moved / (gpu.bandwidth_gbs * 1e9 * e.bandwidth), flops / (gpu.bf16_tflops * 1e12 * e.compute)) \
+            + 3 * e.layer_overhead_s
+
+    def stage_seconds(self, stage: int, layers: tuple[int, int], first: bool, last: bool, shape: StepShape) -> float:
+        gpu = self.gpus[stage]
+        counts = collections.Counter(self._kind[i] for i in range(*layers))
+        t = self.efficiency.stage_overhead_s + sum(n * self._layer_seconds(k, gpu, shape) for k, n in counts.items())
+        if first:
+            t += shape.tokens * self.spec.hidden_size * 2 / (gpu.bandwidth_gbs * 1e9 * self.efficiency.bandwidth)
+        if last and shape.samples:
+            t += self._head_seconds(gpu, shape)
+        return t
+
+    def transfer_seconds(self, num_bytes: int) -> float:
+        return self.link.latency_us * 1e-6 + num_bytes / (self.link.bandwidth_gbs * 1e9)
+
+    def schedule_seconds(self, shape: StepShape) -> float:
+        return self.efficiency.step_overhead_s
+
+    def activation_bytes(self, shape: StepShape) -> int:
+        return shape.tokens * self.spec.hidden_size * 2  # bf16 hidden states, replicated over TP ranks
+
+
+def roofline_costs(spec: ModelSpec, gpu: str, num_stages: int, tp: int = 1, link: str = "nvlink",
+                   kv_dtype: str = "auto") -> RooflineCosts:
+    """`--gpu NAME` or `--gpu A,B,...` (one per stage) and `--link` as a RooflineCosts."""
+    names = [g.strip() for g in gpu.split(",")]
+    if len(names) == 1:
+        names *= num_stages
+    if len(names) != num_stages:
+        raise UserError(f"--gpu lists {len(names)} GPUs but --pp is {num_stages}; give 1 or {num_stages}")
+    if link not in LINKS:
+        raise UserError(f"unknown --link {link!r}; give one of {', '.join(LINKS)}")
+    return RooflineCosts(spec, tuple(find_gpu(n) for n in names), tp, LINKS[link], kv_dtype=kv_dtype)
+
+
+# -- the simulation -----------------------------------------------------------------------------------------
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); nan for no values."""
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class RequestTimes:
+    arrival: float
+    first_token: float
+    finished: float
+    output_tokens: int
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.finished - self.first_token) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+@dataclass(frozen=True)
+class SimResult:
+    partition: tuple[int, ...]
+    max_total_num_tokens: int
+    output_tokens_per_s: float
+    ttft_p50: float
+    ttft_p99: float
+    tpot_p50: float
+    tpot_p99: float
+    makespan: float
+    stage_busy: tuple[float, ...]  # share of the makespan each stage computes (rank 0 includes scheduling)
+    steps: int
+    preemptions: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def summarize(partition: Sequence[int], capacity: int, times: Sequence[RequestTimes], start: float, end: float,
+              busy: Sequence[float], steps: int, preemptions: int) -> SimResult:
+    """The metrics of a run (simulated or measured, the same definitions)."""
+    makespan = end - start
+    tpots = [t.tpot for t in times if t.tpot is not None]
+    return SimResult(
+        partition=tuple(partition),
+        max_total_num_tokens=capacity,
+        output_tokens_per_s=sum(t.output_tokens for t in times) / makespan if makespan > 0 else math.inf,
+        ttft_p50=percentile([t.ttft for t in times], 50),
+        ttft_p99=percentile([t.ttft for t in times], 99),
+        tpot_p50=percentile(tpots, 50),
+        tpot_p99=percentile(tpots, 99),
+        makespan=makespan,
+        stage_busy=tuple(b / makespan if makespan > 0 else 0.0 for b in busy),
+        steps=steps,
+        preemptions=preemptions,
+    )
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The engine settings the simulation follows (the runtime's defaults; micro_batches None = P)."""
+
+    micro_batches: int | None = None
+    max_batch_tokens: int = 2048
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 512
+    prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--micro-batches", self.micro_batches), ("--max-batch-tokens", self.max_batch_tokens),
+                            ("--max-running-requests", self.max_running_requests),
+                            ("--chunked-prefill-size", self.chunked_prefill_size)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} is {value}; give at least 1")
+
+    def scheduler_config(self, num_stages: int) -> SchedulerConfig:
+        micro_batches = num_stages if self.micro_batches is None else self.micro_batches
+        return SchedulerConfig(micro_batches, self.max_batch_tokens, self.max_running_requests,
+                               self.chunked_prefill_size, self.prefix_caching)
+
+
+def simulate(spec: ModelSpec, partition: Sequence[int], capacity: int, costs: StepCosts, workload: Workload,
+             config: PipelineConfig = PipelineConfig()) -> SimResult:
+    """Runs the workload through the pipeline on simulated time; deterministic."""
+    partition = tuple(partition)
+    num_stages = len(partition)
+    if sum(partition) != spec.num_layers:
+        raise UserError(f"partition {','.join(map(str, partition))} sums to {sum(partition)}; "
+                        f"{spec.name} has {spec.num_layers} layers")
+    if capacity < 1:
+        raise UserError("the split holds no KV tokens; pick a split that fits")
+    ranges = stage_ranges(partition)
+    sched_config = config.scheduler_config(num_stages)
+    scheduler = Scheduler(sched_config, SlotAllocator(capacity), PrefixCache() if config.prefix_caching else None)
+    max_context = min(spec.max_position_embeddings, capacity)
+    arrivals = collections.deque()
+    for req_id, (t, prompt, n_out) in enumerate(workload.draw(spec.vocab_size)):
+        if len(prompt) >= max_context:
+            raise UserError(f"a {len(prompt)}-token prompt does not fit a context of {max_context} tokens "
+                            f"(KV capacity {capacity}); shorten --prompt-len")
+        params = SamplingParams(max_tokens=n_out, ignore_eos=True)
+        arrivals.append((t, Request(req_id, prompt, params, req_id, max_context)))
+
+    now = 0.0
+    stage_free = [0.0] * num_stages
+    busy = [0.0] * num_stages
+    inflight: collections.deque = collections.deque()
+    arrival_of: dict[int, float] = {}
+    first_token: dict[int, float] = {}
+    finished: list[RequestTimes] = []
+    steps = 0
+
+    def complete(batch: ScheduledBatch, at: float) -> None:
+        for request, token in scheduler.complete(batch, [0] * batch.message.num_samples):
+            if token is None:
+                continue
+            request.output_ids.append(token)
+            first_token.setdefault(request.req_id, at)
+            if len(request.output_ids) >= request.params.max_tokens or request.num_tokens >= request.max_context:
+                scheduler.finish(request, "length")
+                finished.append(RequestTimes(arrival_of[request.req_id], first_token[request.req_id], at,
+                                             len(request.output_ids)))
+
+    while arrivals or scheduler.num_unfinished or inflight:
+        while arrivals and arrivals[0][0] <= now:
+            t, request = arrivals.popleft()
+            arrival_of[request.req_id] = t
+            scheduler.add(request)
+        batch = scheduler.schedule() if len(inflight) < sched_config.micro_batches else None
+        if batch is not None:
+            steps += 1
+            shape = shape_of(batch)
+            work = costs.schedule_seconds(shape) + costs.stage_seconds(0, ranges[0], True, num_stages == 1, shape)
+            busy[0] += work
+            now += work
+            if num_stages == 1:
+                complete(batch, now)
+                continue
+            hop = costs.transfer_seconds(costs.activation_bytes(shape))
+            t = now + hop
+            for s in range(1, num_stages):
+                begin = max(t, stage_free[s])
+                d = costs.stage_seconds(s, ranges[s], False, s == num_stages - 1, shape)
+                stage_free[s] = begin + d
+                busy[s] += d
+                t = begin + d + (hop if s < num_stages - 1 else costs.transfer_seconds(8 * (shape.samples + num_stages)))
+            inflight.append((batch, t))
+        elif inflight:
+            batch, t = inflight.popleft()
+            now = max(now, t)
+            complete(batch, now)
+        elif arrivals:
+            now = max(now, arrivals[0][0])
+        elif scheduler.num_unfinished:
+            raise UserError(f"the simulated scheduler cannot make progress: a request needs more than the "
+                            f"{capacity} KV tokens of this split; shorten the requests or pick a split with more")
+    first_arrival = min(arrival_of.values())
+    return summarize(partition, capacity, finished, first_arrival, now, busy, steps, scheduler.num_preemptions)
+
+
+def chunk_pipeline_ttft(spec: ModelSpec, partition: Sequence[int], costs: StepCosts, prompt_len: int,
+                        chunk: int, context_grows: bool = True) -> float:
+    """TTFT of one prompt whose chunks are pipelined (chunk k+1 enters stage 0 while chunk k is on
+    stage 1, as SGLang's PP scheduler does; pipesplit's scheduler waits for a request's previous chunk).
+
+    A permutation flow shop: chunk j leaves stage s at C[j][s] = max(C[j-1][s], C[j][s-1] + hop) + p[j][s],
+    where chunk j attends to every earlier token and rank 0 adds its scheduling work to stage 0.
+    context_grows=False prices every chunk like the first (to isolate the effect of attention growth).
+    """
+    ranges = stage_ranges(partition)
+    last = len(partition) - 1
+    done = [0.0] * len(partition)  # when each stage finished its previous chunk
+    for begin in range(0, prompt_len, chunk):
+        q = min(chunk, prompt_len - begin)
+        final = begin + q == prompt_len
+        c = begin + q if context_grows else q
+        shape = StepShape(q, 1, q * c - q * (q - 1) // 2, c, 1 if final else 0)
+        hop = costs.transfer_seconds(costs.activation_bytes(shape))
+        ready = 0.0
+        for s, layers in enumerate(ranges):
+            work = costs.stage_seconds(s, layers, s == 0, s == last, shape)
+            if s == 0:
+                work += costs.schedule_seconds(shape)
+            done[s] = max(done[s], ready) + work
+            ready = done[s] + hop
+    return done[-1]
+
+
+def simulate_on_cpu(spec: ModelSpec, partition: Sequence[int], capacity: int, profile: Profile, workload: Workload,
+                    config: PipelineConfig = PipelineConfig(), iterations: int = 4) -> SimResult:
+    """`simulate` with a CPU profile, the stages sharing the profiled machine's cores.
+
+    Processor sharing, approximated: while k stages of `threads` threads compute at once on `cores`
+    cores, each runs max(1, k x threads / cores) times slower. k is taken as the mean concurrency
+    (the sum of the stages' busy fractions), found by fixed-point iteration from the uncontended run;
+    a split that leaves stages idle (6,24 or 20,5,5) then suffers less than an even one.
+    """
+    cores = (profile.meta or {}).get("cpu_count") or 0
+    factor = 1.0
+    result = simulate(spec, partition, capacity, ProfileCosts(profile, spec, factor), workload, config)
+    if profile.device != "cpu" or cores < 1 or len(partition) * profile.threads <= cores:
+        return result
+    for _ in range(iterations):
+        concurrency = sum(result.stage_busy)
+        wanted = max(1.0, concurrency * profile.threads / cores)
+        if abs(wanted - factor) < 0.01:
+            break
+        factor = (factor + wanted) / 2 if wanted < factor else wanted
+        result = simulate(spec, partition, capacity, ProfileCosts(profile, spec, factor), workload, config)
+    return result

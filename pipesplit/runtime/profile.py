@@ -1,0 +1,321 @@
+"""`pipesplit profile`: what each piece of a pipeline step costs on this machine, measured with the
+runtime's own code, fitted to the simulator's linear step-cost model (`planner.simulator.Linear`).
+
+Measured: one decoder layer of each kind the model has (a stage built by the loader holding just
+that layer, run on real `AttentionBatch`es over its own KV pool), the embedding (a first stage
+without layers), the final norm + lm_head + sampling (a last stage without layers), each stage's
+per-step bookkeeping (`AttentionBatch.for_sequences` and the step message), rank 0's scheduling
+(`Scheduler.schedule`, message encoding, `Scheduler.complete`), and the stage-to-stage transfer by
+bytes (gloo or NCCL between two local processes). Every measurement is a median of repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pipesplit.errors import UserError
+from pipesplit.planner.simulator import Linear, Profile, StepShape, layer_kind
+from pipesplit.runtime.kv_cache import SlotAllocator, allocate_pools
+from pipesplit.runtime.messages import decode, encode
+from pipesplit.runtime.models.layers import AttentionBatch
+from pipesplit.runtime.sampler import SamplingParams, new_request_sampler, sample_tokens
+from pipesplit.runtime.scheduler import Request, Scheduler, SchedulerConfig
+from pipesplit.runtime.stage import DTYPES
+
+# (decode sequences, their context) and (prefill chunk, context before it) grids; a mixed step
+# adds a prefill chunk to a decode batch. Sized for small models on CPU; a few minutes for SmolLM2.
+DECODE = [(1, 16), (1, 512), (4, 128), (8, 512), (16, 64), (16, 1024), (32, 256), (64, 128), (64, 768)]
+PREFILL = [(8, 0), (32, 0), (64, 256), (128, 0), (256, 0), (256, 768), (512, 0), (512, 1024)]
+MIXED = [(8, 256, 128), (16, 512, 256), (32, 128, 64)]
+TRANSFER_BYTES = [64, 4096, 65536, 262144, 1048576, 4194304]
+
+
+def _shapes() -> list[list[tuple[int, int, bool]]]:
+    """Batches as (context length, new tokens, sampled) per sequence."""
+    batches = [[(c + 1, 1, True)] * b for b, c in DECODE]
+    batches += [[(c + q, q, True)] for q, c in PREFILL]
+    batches += [[(c + 1, 1, True)] * b + [(q, q, True)] for b, c, q in MIXED]
+    return batches
+
+
+def _attention_batch(batch: Sequence[tuple[int, int, bool]], device: torch.device) -> AttentionBatch:
+    seqs, start = [], 0
+    for c, q, sample in batch:
+        seqs.append((list(range(start, start + c)), q, sample))
+        start += c
+    return AttentionBatch.for_sequences(seqs, device)
+
+
+def _shape(batch: Sequence[tuple[int, int, bool]]) -> StepShape:
+    attention = sum(q * c - q * (q - 1) // 2 for c, q, _ in batch)
+    return StepShape(sum(q for _, q, _ in batch), len(batch), attention, sum(c for c, _, _ in batch),
+                     sum(1 for *_, s in batch if s))
+
+
+def _median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()
+    sync()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def fit(shapes: Sequence[StepShape], seconds: Sequence[float], features: Sequence[str]) -> Linear:
+    """Least squares in relative error (each row scaled by 1 / its time), coefficients >= 0: the
+    most negative coefficient is dropped and the rest refitted until none is negative."""
+    names = list(features)
+    index = {n: i for i, n in enumerate(Linear.FEATURES)}
+    rows = torch.tensor([Linear.features(s) for s in shapes], dtype=torch.float64)
+    y = torch.tensor(seconds, dtype=torch.float64)
+    while names:
+        cols = rows[:, [index[n] for n in names]]
+        scale = cols.abs().amax(0).clamp_min(1e-30)
+        a = cols / scale / y[:, None]
+        coef = torch.linalg.lstsq(a, torch.ones_like(y)[:, None]).solution[:, 0] / scale
+        if bool((coef >= 0).all()):
+            return Linear(**{n: float(c) for n, c in zip(names, coef)})
+        names.pop(int(torch.argmin(coef)))
+    return Linear()
+
+
+def _layer_times(spec, source, dtype, device, repeats) -> dict[str, tuple[list[StepShape], list[float]]]:
+    from pipesplit.runtime.loader import load_stage
+    from pipesplit.runtime.models import kv_cache_shapes
+
+    batches = _shapes()
+    slots = max(sum(c for c, _, _ in b) for b in batches)
+    kinds: dict[str, int] = {}
+    for i in range(spec.num_layers):
+        kinds.setdefault(layer_kind(spec, i), i)
+    out = {}
+    for kind, index in kinds.items():
+        stage = load_stage(source, spec, (index, index + 1), False, False, dtype, device).eval()
+        pools = allocate_pools([index], kv_cache_shapes(spec), slots, dtype, device)
+        for pool in pools[index]:
+            pool.normal_()
+        shapes, seconds = [], []
+        for batch in batches:
+            ab = _attention_batch(batch, device)
+            h = torch.randn(ab.num_tokens, spec.hidden_size, dtype=dtype, device=device)
+            with torch.inference_mode():
+                seconds.append(_median_seconds(lambda: stage(h, ab, pools), device, repeats))
+            shapes.append(_shape(batch))
+        out[kind] = (shapes, seconds)
+    return out
+
+
+def _embedding_and_head(spec, source, dtype, device, repeats):
+    from pipesplit.runtime.loader import load_stage
+
+    batches = _shapes()
+    first = load_stage(source, spec, (0, 0), True, False, dtype, device).eval()
+    last = load_stage(source, spec, (spec.num_layers, spec.num_layers), False, True, dtype, device).eval()
+    sampler = new_request_sampler(SamplingParams(temperature=0), 0)
+    emb, head, shapes = [], [], []
+    for batch in batches:
+        ab = _attention_batch(batch, device)
+        ids = torch.randint(0, spec.vocab_size, (ab.num_tokens,), device=device)
+        h = torch.randn(ab.num_tokens, spec.hidden_size, dtype=dtype, device=device)
+        samplers = [sampler] * ab.logits_indices.numel()
+        with torch.inference_mode():
+            emb.append(_median_seconds(lambda: first(ids, ab, {}), device, repeats))
+            head.append(_median_seconds(lambda: sample_tokens(last(h, ab, {}).float().cpu(), samplers), device, repeats))
+        shapes.append(_shape(batch))
+    return shapes, emb, head
+
+
+def _stage_step_times(device, repeats):
+    """A non-first stage's per-step bookkeeping: decode the message, build the AttentionBatch."""
+    shapes, seconds = [], []
+    sched_shapes, sched_seconds = [], []
+    for batch in _shapes():
+        scheduler, requests = _scheduler_with(batch)
+        scheduled = scheduler.schedule()
+        payload = encode(scheduled.message)
+        seqs = [(list(range(c)), q, s) for c, q, s in batch]
+        seconds.append(_median_seconds(lambda: (decode(payload), AttentionBatch.for_sequences(seqs, device)),
+                                       device, repeats))
+        shapes.append(_shape(batch))
+        sched_seconds.append(_schedule_seconds(batch, repeats))
+        sched_shapes.append(_shape(batch))
+    return shapes, seconds, sched_shapes, sched_seconds
+
+
+def _scheduler_with(batch: Sequence[tuple[int, int, bool]]) -> tuple[Scheduler, list[Request]]:
+    """A scheduler (with the prefix cache, as the engine runs it) whose next step is about `batch`:
+    decoding sequences already hold their context, prefill ones arrive fresh with q tokens."""
+    from pipesplit.runtime.prefix_cache import PrefixCache
+
+    total = sum(c for c, _, _ in batch)
+    scheduler = Scheduler(SchedulerConfig(micro_batches=1, max_batch_tokens=1 << 20, chunked_prefill_size=1 << 20),
+                          SlotAllocator(total + 8), PrefixCache())
+    params = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
+    decoding = [Request(i, list(range(1, c)), params, i, 1 << 30) for i, (c, q, _) in enumerate(batch) if q == 1]
+    for r in decoding:
+        scheduler.add(r)
+    if decoding:
+        first = scheduler.schedule()
+        scheduler.complete(first, [0] * first.message.num_samples)
+        for r in first.requests:
+            r.output_ids.append(0)
+    prefill = [Request(len(batch) + i, list(range(1, q + 1)), params, i, 1 << 30)
+               for i, (c, q, _) in enumerate(batch) if q > 1]
+    for r in prefill:
+        scheduler.add(r)
+    return scheduler, decoding + prefill
+
+
+def _schedule_seconds(batch: Sequence[tuple[int, int, bool]], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        scheduler, _ = _scheduler_with(batch)
+        started = time.perf_counter()
+        scheduled = scheduler.schedule()
+        encode(scheduled.message)
+        for request, token in scheduler.complete(scheduled, [0] * scheduled.message.num_samples):
+            if token is not None:
+                request.output_ids.append(token)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# -- transfer: two local processes -------------------------------------------------------------------
+def transfer_peer(rank: int, port: int, device: str, sizes: Sequence[int], repeats: int) -> list[float]:
+    """One side of the ping-pong; returns the one-way seconds per size (half the round trip)."""
+    import torch.distributed as dist
+
+    from pipesplit.runtime.stage import init_distributed
+
+    _, dev = init_distributed(device, f"tcp://127.0.0.1:{port}", rank, 2)
+    times = []
+    for n in sizes:
+        buf = torch.zeros(n, dtype=torch.uint8, device=dev)
+        samples = []
+        for i in range(repeats + 1):
+            dist.barrier()
+            started = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if i:
+                samples.append((time.perf_counter() - started) / 2)
+        times.append(statistics.median(samples))
+    dist.destroy_process_group()
+    return times
+
+
+def _transfer_times(device: str, repeats: int) -> list[float]:
+    """Ping-pong between this process (rank 0) and a spawned one (rank 1), as stages talk."""
+    from pipesplit.runtime.engine import free_port
+
+    port = free_port()
+    code = (f"from pipesplit.runtime.profile import transfer_peer; "
+            f"transfer_peer(1, {port}, {device!r}, {list(TRANSFER_BYTES)!r}, {repeats})")
+    peer = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    try:
+        return transfer_peer(0, port, device, TRANSFER_BYTES, repeats)
+    finally:
+        try:
+            peer.wait(60)
+        except subprocess.TimeoutExpired:
+            peer.kill()
+
+
+def _linear_fit_1d(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """y = a + b x, relative least squares, a and b >= 0."""
+    shapes = [StepShape(int(x), 0, 0, 0, 0) for x in xs]
+    line = fit(shapes, ys, ("base", "per_token"))
+    return line.base, line.per_token
+
+
+# -- the command ------------------------------------------------------------------------------------------
+def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threads: int | None = None,
+                  repeats: int = 5, log: Callable[[str], None] = lambda s: None) -> Profile:
+    from pipesplit.runtime.loader import resolve_model
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}; use cpu or cuda")
+    if repeats < 1:
+        raise UserError(f"--repeats is {repeats}; give at least 1")
+    threads = threads or max(1, (os.cpu_count() or 1) // 2)
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch_dtype = DTYPES[dtype]
+    source = resolve_model(model)
+    spec = source.spec
+    started = time.perf_counter()
+
+    log("profiling decoder layers")
+    layer_data = _layer_times(spec, source, torch_dtype, dev, repeats)
+    log("profiling embedding and head")
+    shapes, emb, head = _embedding_and_head(spec, resolve_model(model), torch_dtype, dev, repeats)
+    log("profiling per-step bookkeeping and scheduling")
+    st_shapes, st_seconds, sc_shapes, sc_seconds = _stage_step_times(dev, repeats)
+    log("profiling stage-to-stage transfer")
+    transfer = _transfer_times(device, max(repeats, 20))
+    latency, per_byte = _linear_fit_1d(TRANSFER_BYTES, transfer)
+
+    layer_features = ("base", "per_token", "per_seq", "per_attention", "per_context")
+    raw = {
+        "layers": {k: [[*_as_list(s), t] for s, t in zip(*v)] for k, v in layer_data.items()},
+        "embedding": [[*_as_list(s), t] for s, t in zip(shapes, emb)],
+        "head": [[*_as_list(s), t] for s, t in zip(shapes, head)],
+        "stage_step": [[*_as_list(s), t] for s, t in zip(st_shapes, st_seconds)],
+        "schedule": [[*_as_list(s), t] for s, t in zip(sc_shapes, sc_seconds)],
+        "transfer": [[n, t] for n, t in zip(TRANSFER_BYTES, transfer)],
+        "columns": ["tokens", "seqs", "attention", "context", "samples", "seconds"],
+    }
+    return Profile(
+        model=spec.name,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        hidden_size=spec.hidden_size,
+        activation_itemsize=torch_dtype.itemsize,
+        layers={k: fit(s, t, layer_features) for k, (s, t) in layer_data.items()},
+        embedding=fit(shapes, emb, ("base", "per_token")),
+        head=fit(shapes, head, ("base", "per_sample")),
+        stage_step=fit(st_shapes, st_seconds, ("base", "per_token", "per_seq", "per_context")),
+        schedule=fit(sc_shapes, sc_seconds, ("base", "per_token", "per_seq")),
+        transfer_latency=latency,
+        transfer_per_byte=per_byte,
+        meta={"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
+              "cpu_count": os.cpu_count(), "repeats": repeats, "measurements": raw},
+    )
+
+
+def _as_list(shape: StepShape) -> list[int]:
+    return [shape.tokens, shape.seqs, shape.attention, shape.context, shape.samples]
+
+
+def profile_command(args) -> int:
+    profile = profile_model(args.model, args.device, args.dtype, args.threads, args.repeats,
+                            log=lambda s: print(f"pipesplit profile: {s}", file=sys.stderr, flush=True))
+    with open(args.out, "w") as f:
+        json.dump(profile.to_json(), f, indent=1)
+    print(f"wrote {args.out}: {profile.model} on {profile.device} ({profile.dtype}, {profile.threads} threads), "
+          f"{len(profile.layers)} layer kind(s), measured in {profile.meta['seconds']} s")
+    return 0
