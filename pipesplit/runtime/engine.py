@@ -457,7 +457,7 @@ class LLM:
         *,
         strategy: str | None = None,
         partition: str | Sequence[int] | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         mem_budget_gib: float | None = None,
         mem_fraction: float = 0.9,
@@ -469,12 +469,13 @@ class LLM:
         mtp: bool = False,
         log: bool = True,
     ) -> None:
+        from pipesplit.runtime.dtype import choose_dtype
         from pipesplit.runtime.loader import resolve_model
         from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan
         from pipesplit.runtime.tokenizer import load_tokenizer
 
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
         if device not in ("cpu", "cuda"):
             raise UserError(f"unknown device {device!r}; use cpu or cuda")
         torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "PIPESPLIT_SPAWNED" not in os.environ
@@ -486,6 +487,8 @@ class LLM:
                 raise UserError(f"torchrun started {world} processes but --pp is {pp}; make them equal")
         self.source = resolve_model(model)
         self.spec = self.source.spec
+        self.dtype_choice = choose_dtype(dtype, device, self.spec.torch_dtype)
+        dtype = self.dtype = self.dtype_choice.dtype
         try:
             self.tokenizer = load_tokenizer(self.source)
         except UserError:
@@ -560,7 +563,7 @@ class LLM:
         lines = [
             f"pipesplit: {self.spec.name} on {len(self.stage_reports)} stage(s), partition "
             f"{','.join(map(str, self.plan.partition))}: max_total_num_tokens {self.max_total_num_tokens} "
-            f"(binding stage {binding.stage})"
+            f"(binding stage {binding.stage}), dtype {self.dtype} ({self.dtype_choice.reason})"
         ]
         for plan_stage, r in zip(self.plan.stages, self.stage_reports):
             start, end = plan_stage.layers

@@ -33,7 +33,7 @@ def test_generate_json_contract(tiny_checkpoints):
     folder = str(tiny_checkpoints["llama"])
     run = subprocess.run(
         _pipesplit("generate", folder, "--pp", "3", "--partition", "2,2,1", "--prompt-ids", ",".join(map(str, PROMPT)),
-                   "--max-tokens", "6", "--mem-budget", "0.01", "--json"),
+                   "--max-tokens", "6", "--mem-budget", "0.01", "--dtype", "float32", "--json"),
         capture_output=True, text=True, env=ENV, timeout=180,
     )
     assert run.returncode == 0, run.stderr
@@ -112,7 +112,7 @@ def test_two_torchrun_nodes_on_loopback(tiny_checkpoints):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
               "-m", "pipesplit", "generate", folder, "--pp", "2", "--prompt-ids", ",".join(map(str, PROMPT)),
-              "--max-tokens", "7", "--mem-budget", "0.01", "--json"]
+              "--max-tokens", "7", "--mem-budget", "0.01", "--dtype", "float32", "--json"]
     nodes = [
         subprocess.Popen([torchrun, "--node-rank", str(rank), *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=ENV)

@@ -40,7 +40,7 @@ def test_weights_capacity_and_outputs_equal_the_prediction(tiny_moe_checkpoints,
     spec = load_spec(folder)
     predicted = runtime_plan(spec, pp, None, partition, "float32", (int(BUDGET_GIB * GiB),) * pp, mtp)
     assert predicted.stages[-1].mtp == mtp
-    with LLM(folder, pp=pp, partition=partition, mem_budget_gib=BUDGET_GIB, mtp=mtp, log=False) as llm:
+    with LLM(folder, dtype="float32", pp=pp, partition=partition, mem_budget_gib=BUDGET_GIB, mtp=mtp, log=False) as llm:
         assert llm.plan == predicted
         assert llm.max_total_num_tokens == predicted.max_total_num_tokens
         for stage, report in zip(predicted.stages, llm.stage_reports):
@@ -63,7 +63,7 @@ def test_generate_cli_runs_a_deepseek_checkpoint(tiny_moe_checkpoints):
     prompt = PROMPTS[0]
     run = subprocess.run(
         [sys.executable, "-m", "pipesplit", "generate", folder, "--prompt-ids", ",".join(map(str, prompt)),
-         "--max-tokens", "6", "--mem-budget", "0.01", "--json"],
+         "--max-tokens", "6", "--mem-budget", "0.01", "--dtype", "float32", "--json"],
         capture_output=True, text=True, timeout=180,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
     )

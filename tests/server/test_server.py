@@ -48,7 +48,7 @@ class ServerProcess:
 
     def __init__(self, *extra: str) -> None:
         cmd = [sys.executable, "-m", "pipesplit", "serve", MODEL, "--pp", "2", "--port", "0",
-               "--mem-budget", MEM_BUDGET, *extra]
+               "--mem-budget", MEM_BUDGET, "--dtype", "float32", *extra]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      cwd=Path(__file__).resolve().parents[2])
@@ -147,7 +147,7 @@ def reference(server_process):
     from pipesplit import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-    with LLM(MODEL, pp=1, mem_budget_gib=1) as llm:
+    with LLM(MODEL, dtype="float32", pp=1, mem_budget_gib=1) as llm:
         plain = llm.generate(COMPLETION_PROMPTS, params)
         chat = llm.generate(CHAT_PROMPTS, params, chat=True)
         encoded = {p: llm.tokenizer.encode(p) for p in COMPLETION_PROMPTS}
