@@ -199,6 +199,33 @@ def _build_group(
     return _AttentionGroup(b, q_max, query_rows, output_rows, token_rows, key_slots, query_pos)
 
 
+# -- fused projections -------------------------------------------------------------------------------
+def fuse_linears(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for linears that read the same input, concatenated along the output;
+    each linear's parameters become views into it, so the checkpoint names, the state dict and
+    the stage's weight bytes stay exactly what they were (one GEMM instead of several)."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    has_bias = [linear.bias is not None for linear in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("fused linears need a bias each or none")
+    bias = torch.cat([linear.bias.detach() for linear in linears]) if all(has_bias) else None
+    offset = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(weight[offset : offset + rows], requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias[offset : offset + rows], requires_grad=False)
+        offset += rows
+    return weight, bias
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """After loading: every module that can fuses its projections (q/k/v, gate/up)."""
+    for module in model.modules():
+        if isinstance(module, (GQAttention, SwiGLUMLP)):
+            module.fuse()
+
+
 # -- norms, MLP ------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
@@ -223,9 +250,16 @@ class SwiGLUMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias, dtype=dtype, device=device)
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # -- rotary embeddings ---------------------------------------------------------------------------
@@ -403,6 +437,10 @@ class GQAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, eps, dtype, device)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -412,9 +450,14 @@ class GQAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
+        if self.qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv_width = self.kv_heads * self.head_dim
+            q, k, v = F.linear(x, *self.qkv).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q = q.view(tokens, self.heads, self.head_dim)
+        k = k.view(tokens, self.kv_heads, self.head_dim)
+        v = v.view(tokens, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
