@@ -66,10 +66,39 @@ class _InFlight:
     started: float
 
 
+class IncrementalText:
+    """A request's output text, decoded a few tokens at a time (decoding the whole output for
+    every new token is quadratic in its length).
+
+    Text is settled up to `read` tokens; each update decodes only the tokens after `prefix`
+    (kept as left context so that tokenizers that drop or merge leading spaces decode the new
+    tokens as they would inside the whole text) and settles the new part once it does not end
+    in an incomplete UTF-8 character.
+    """
+
+    def __init__(self, detokenize: Callable[[list[int]], str]) -> None:
+        self.detokenize = detokenize
+        self.settled = ""
+        self.prefix = self.read = 0
+        self.prefix_text = ""
+
+    def text(self, ids: list[int]) -> str:
+        """The text of `ids` (the same list, grown since the last call); an unsettled tail may end in U+FFFD."""
+        full = self.detokenize(ids[self.prefix :])
+        tail = full[len(self.prefix_text) :]
+        if tail and not tail.endswith("\ufffd"):
+            self.settled += tail
+            self.prefix, self.read = self.read, len(ids)
+            self.prefix_text = self.detokenize(ids[self.prefix : self.read])
+            return self.settled
+        return self.settled + tail
+
+
 @dataclass
 class _Tracked:
     request: Request
     on_output: Callable[[RequestOutput], None]
+    decoder: IncrementalText
     sent_text: str = ""
     sent_tokens: int = 0
 
@@ -216,7 +245,7 @@ class Engine:
             self._next_id += 1
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         request = Request(req_id, prompt_ids, params, seed, self.max_context)
-        self._inbox.put(("add", _Tracked(request, on_output)))
+        self._inbox.put(("add", _Tracked(request, on_output, IncrementalText(self.detokenize))))
         self._wake.set()
         return req_id
 
@@ -368,7 +397,7 @@ class Engine:
         return None
 
     def _text(self, tracked: _Tracked) -> str:
-        return self.detokenize(tracked.request.output_ids)
+        return tracked.decoder.text(tracked.request.output_ids)
 
     def _find_stop(self, tracked: _Tracked) -> int | None:
         text = self._text(tracked)
