@@ -199,6 +199,19 @@ def _build_group(
     return _AttentionGroup(b, q_max, query_rows, output_rows, token_rows, key_slots, query_pos)
 
 
+# -- projections ---------------------------------------------------------------------------------------
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that float32 on CPU goes straight to oneDNN, on the same weight tensor:
+    2-2.7x faster than F.linear's float32 path at SmolLM2's shapes here (AMD EPYC, torch 2.13);
+    bfloat16's default path is as fast as oneDNN's, so it stays."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and _ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 # -- fused projections -------------------------------------------------------------------------------
 def fuse_linears(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for linears that read the same input, concatenated along the output;
@@ -257,9 +270,10 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
 
 
 # -- rotary embeddings ---------------------------------------------------------------------------
@@ -454,7 +468,7 @@ class GQAttention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             kv_width = self.kv_heads * self.head_dim
-            q, k, v = F.linear(x, *self.qkv).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
+            q, k, v = linear(x, *self.qkv).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
         q = q.view(tokens, self.heads, self.head_dim)
         k = k.view(tokens, self.kv_heads, self.head_dim)
         v = v.view(tokens, self.kv_heads, self.head_dim)
@@ -466,7 +480,8 @@ class GQAttention(nn.Module):
             raise ValueError(f"KV pool dtype {k_pool.dtype} differs from the model dtype {q.dtype}")
         k_pool.index_copy_(0, batch.slot_mapping, k)
         v_pool.index_copy_(0, batch.slot_mapping, v)
-        return self.o_proj(paged_attention(q, k_pool, v_pool, batch, self.scale, self.window))
+        return linear(paged_attention(q, k_pool, v_pool, batch, self.scale, self.window), self.o_proj.weight,
+                      self.o_proj.bias)
 
 
 def apply_rotary_interleaved(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -577,4 +592,4 @@ class DecoderStage(nn.Module):
         if not self.has_lm_head:
             return h
         h = self.model.norm(h.index_select(0, batch.logits_indices))
-        return F.linear(h, self.head_weight()).float()
+        return linear(h, self.head_weight()).float()
