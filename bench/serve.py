@@ -232,7 +232,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="16", help="comma-separated levels")
     parser.add_argument("--requests", type=int, default=48, help="requests per level (0: max(8, 2 x level))")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
-    parser.add_argument("--start-timeout", type=float, default=400.0)
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds (vLLM compiles at start-up)")
     parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS") or ROOT / "bench" / ".peers"),
                         help="where vLLM's venv lives (make bench-peers)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
