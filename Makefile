@@ -3,10 +3,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# The benchmark's peer engines (vLLM CPU) live in their own venvs here, never in $(VENV).
+PEERS ?= bench/.peers
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -24,9 +26,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
-bench: $(STAMP)
+bench-peers: $(STAMP)
+	$(PY) bench/peers.py --peers $(PEERS)
+
+bench: bench-peers
 	$(PY) bench/capacity.py
-	$(PY) bench/throughput.py
+	$(PY) bench/throughput.py --peers $(PEERS)
+	$(PY) bench/serve.py --peers $(PEERS)
 
 clean:
 	rm -rf $(VENV)

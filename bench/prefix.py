@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import RequestResult, one_request, percentile, start_server, stop_server  # noqa: E402
+from serve import RequestResult, one_request, percentile, start_pipesplit, start_vllm, stop_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = (1000, 40000)  # ordinary tokens of SmolLM2's 49,152: no specials, no byte fallbacks
@@ -101,30 +101,27 @@ def cache_counters(url: str, queries: str, hits: str) -> tuple[float, float]:
 
 
 # -- the engines ----------------------------------------------------------------------------------------------
-def pipesplit_server(args: argparse.Namespace, cache: bool) -> dict:
-    extra = [] if cache else ["--disable-prefix-cache"]
-    cmd = [sys.executable, "-m", "pipesplit", "serve", args.model, "--pp", str(args.pp), "--host", "127.0.0.1",
-           "--port", "0", "--mem-budget", str(args.mem_budget), "--dtype", args.dtype, *extra]
-    return {"cmd": cmd, "env": {}, "metrics": ("pipesplit_prefix_cache_queries_total",
-                                               "pipesplit_prefix_cache_hits_total")}
+PIPESPLIT_COUNTERS = ("pipesplit_prefix_cache_queries_total", "pipesplit_prefix_cache_hits_total")
+VLLM_COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
 
-
+# name -> (start the server, its /metrics counters of looked-up and hit prompt tokens)
 ENGINES = {
-    "pipesplit-on": lambda args: pipesplit_server(args, cache=True),
-    "pipesplit-off": lambda args: pipesplit_server(args, cache=False),
+    "pipesplit-on": (lambda args: start_pipesplit(args, args.pp), PIPESPLIT_COUNTERS),
+    "pipesplit-off": (lambda args: start_pipesplit(args, args.pp, "--disable-prefix-cache"), PIPESPLIT_COUNTERS),
+    "vllm": (lambda args: start_vllm(args, args.pp, "--enable-prefix-caching"), VLLM_COUNTERS),
 }
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
-    server = ENGINES[name](args)
-    proc, url = start_server(server["cmd"], server["env"], args.start_timeout)
+    start, counters = ENGINES[name]
+    proc, url = start(args)
     out = {}
     try:
         asyncio.run(run_workload(url, args.model, [[[1000 + i for i in range(16)]]]))  # warm-up
         for workload in args.workloads:
-            before = cache_counters(url, *server["metrics"])
+            before = cache_counters(url, *counters)
             result = asyncio.run(run_workload(url, args.model, WORKLOADS[workload](args.seed)))
-            after = cache_counters(url, *server["metrics"])
+            after = cache_counters(url, *counters)
             queried, hit = after[0] - before[0], after[1] - before[1]
             result["cache_hit_rate"] = round(hit / queried, 4) if queried else 0.0
             out[workload] = result
@@ -152,12 +149,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--mem-budget", type=float, default=2.0, help="GiB per stage (CPU)")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated: {', '.join(ENGINES)}")
     parser.add_argument("--workloads", default="shared,multiturn")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--start-timeout", type=float, default=600.0)
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds (vLLM compiles at start-up)")
+    parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS") or ROOT / "bench" / ".peers"),
+                        help="where bench/peers.py keeps vLLM's venv")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prefix.json")
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")

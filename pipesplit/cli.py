@@ -60,7 +60,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--strategy", help="partition strategy (default max-kv)")
     group.add_argument("--partition", help="explicit layers per stage, e.g. 10,10,10")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32; "
+                        "on CUDA the checkpoint's dtype")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--mem-budget", type=float, default=None, help="CPU: GiB per stage for weights + KV (default from available RAM)")
     p.add_argument("--mem-fraction", type=float, default=0.9, help="CUDA: share of device memory to use")

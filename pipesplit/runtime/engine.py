@@ -75,10 +75,39 @@ class _InFlight:
     started: float
 
 
+class IncrementalText:
+    """A request's output text, decoded a few tokens at a time (decoding the whole output for
+    every new token is quadratic in its length).
+
+    Text is settled up to `read` tokens; each update decodes only the tokens after `prefix`
+    (kept as left context so that tokenizers that drop or merge leading spaces decode the new
+    tokens as they would inside the whole text) and settles the new part once it does not end
+    in an incomplete UTF-8 character.
+    """
+
+    def __init__(self, detokenize: Callable[[list[int]], str]) -> None:
+        self.detokenize = detokenize
+        self.settled = ""
+        self.prefix = self.read = 0
+        self.prefix_text = ""
+
+    def text(self, ids: list[int]) -> str:
+        """The text of `ids` (the same list, grown since the last call); an unsettled tail may end in U+FFFD."""
+        full = self.detokenize(ids[self.prefix :])
+        tail = full[len(self.prefix_text) :]
+        if tail and not tail.endswith("\ufffd"):
+            self.settled += tail
+            self.prefix, self.read = self.read, len(ids)
+            self.prefix_text = self.detokenize(ids[self.prefix : self.read])
+            return self.settled
+        return self.settled + tail
+
+
 @dataclass
 class _Tracked:
     request: Request
     on_output: Callable[[RequestOutput], None]
+    decoder: IncrementalText
     sent_text: str = ""
     sent_tokens: int = 0
 
@@ -217,7 +246,7 @@ class Engine:
             self._next_id += 1
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         request = Request(req_id, prompt_ids, params, seed, self.max_context)
-        self._inbox.put(("add", _Tracked(request, on_output)))
+        self._inbox.put(("add", _Tracked(request, on_output, IncrementalText(self.detokenize))))
         self._wake.set()
         return req_id
 
@@ -373,7 +402,7 @@ class Engine:
         return None
 
     def _text(self, tracked: _Tracked) -> str:
-        return self.detokenize(tracked.request.output_ids)
+        return tracked.decoder.text(tracked.request.output_ids)
 
     def _find_stop(self, tracked: _Tracked) -> int | None:
         text = self._text(tracked)
@@ -494,7 +523,7 @@ class LLM:
         *,
         strategy: str | None = None,
         partition: str | Sequence[int] | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         mem_budget_gib: float | None = None,
         mem_fraction: float = 0.9,
@@ -508,12 +537,13 @@ class LLM:
         log: bool = True,
     ) -> None:
         from pipesplit.planner.plan import window_pool_for
+        from pipesplit.runtime.dtype import choose_dtype
         from pipesplit.runtime.loader import resolve_model
         from pipesplit.runtime.plan_bridge import budgets_for, check_fits, runtime_plan
         from pipesplit.runtime.tokenizer import load_tokenizer_or_none
 
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
         if device not in ("cpu", "cuda"):
             raise UserError(f"unknown device {device!r}; use cpu or cuda")
         torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "PIPESPLIT_SPAWNED" not in os.environ
@@ -525,6 +555,8 @@ class LLM:
                 raise UserError(f"torchrun started {world} processes but --pp is {pp}; make them equal")
         self.source = resolve_model(model)
         self.spec = self.source.spec
+        self.dtype_choice = choose_dtype(dtype, device, self.spec.torch_dtype)
+        dtype = self.dtype = self.dtype_choice.dtype
         self.tokenizer = load_tokenizer_or_none(self.source)
         scheduler_config = SchedulerConfig(
             micro_batches=micro_batches or pp,
@@ -601,7 +633,8 @@ class LLM:
         lines = [
             f"pipesplit: {self.spec.name} on {len(self.stage_reports)} stage(s), partition "
             f"{','.join(map(str, self.plan.partition))}: max_total_num_tokens {self.max_total_num_tokens} "
-            f"(binding stage {binding.stage}), prefix cache {'on' if self.engine.prefix_caching else 'off'}"
+            f"(binding stage {binding.stage}), dtype {self.dtype} ({self.dtype_choice.reason}), "
+            f"prefix cache {'on' if self.engine.prefix_caching else 'off'}"
         ]
         if self.engine.window_slots:
             lines.append(

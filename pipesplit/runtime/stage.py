@@ -39,7 +39,7 @@ class Link:
         header = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
         tensors = [header, payload, timings.to(self.device)]
         if hidden is not None and hidden.numel():
-            tensors.append(hidden.contiguous())
+            tensors.append(hidden.to(self.device).contiguous())
         return [(dist.isend(t, dst), t) for t in tensors]
 
     def recv_step(self, src: int, hidden_size: int, dtype: torch.dtype, num_stages: int):
@@ -84,6 +84,7 @@ class Stage:
         self.is_first = rank == 0
         self.is_last = rank == self.num_stages - 1
         self.dtype = DTYPES[config.dtype]
+        self.comm_device = device  # where tensors to other stages go; start_stage sets it
 
         started = time.perf_counter()
         source = resolve_model(config.model)
@@ -111,6 +112,9 @@ class Stage:
         """Bytes this stage may use for weights plus KV."""
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
+            sharing = stages_per_gpu(self.num_stages)
+            if sharing > 1:  # the stages on this GPU split its granted share (they load concurrently)
+                return int(total * self.config.mem_fraction / sharing)
             # Like SGLang/vLLM: the share of the device not granted to us stays unused.
             return int(free - total * (1 - self.config.mem_fraction)) + self.param_bytes
         return self.config.budgets[self.rank]
@@ -178,7 +182,7 @@ class Stage:
     @torch.inference_mode()
     def forward(self, message: StepMessage, inputs: torch.Tensor) -> torch.Tensor:
         batch = self.apply(message)
-        return self.model(inputs, batch, self.kv_cache)
+        return self.model(inputs.to(self.device), batch, self.kv_cache)
 
     @torch.inference_mode()
     def sample(self, message: StepMessage, logits: torch.Tensor) -> torch.Tensor:
@@ -207,6 +211,7 @@ def agree_capacity(stage: Stage) -> tuple[KVCapacity, list[StageReport]]:
         dtype=torch.int64,
         device=stage.device,
     )
+    row = row.to(stage.comm_device)
     rows = [torch.empty_like(row) for _ in range(stage.num_stages)]
     dist.all_gather(rows, row)
     measured = [[int(v) for v in r.cpu()] for r in rows]
@@ -228,10 +233,22 @@ def stage_capacity(
 
 
 # -- process set-up -------------------------------------------------------------------------------
-def init_distributed(device: str, store: "dist.Store | None" = None, world: int = 1) -> tuple[int, torch.device]:
+def stages_per_gpu(num_stages: int) -> int:
+    """How many stages share one GPU when the pipeline has more stages than this node has GPUs."""
+    return max(1, -(-num_stages // max(1, torch.cuda.device_count())))
+
+
+def init_distributed(
+    device: str, store: "dist.Store | None" = None, world: int = 1
+) -> tuple[int, torch.device, torch.device]:
     """Joins the process group: through rank 0's `store` as rank 0 of `world` (the spawning
     process), as a stage process it spawned (a client of that store, at MASTER_ADDR:MASTER_PORT),
-    or as described by the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    or as described by the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+
+    Returns (rank, compute device, transport device). Stages on distinct GPUs talk over NCCL;
+    stages that share a GPU (more stages than GPUs) over gloo through host memory, because NCCL
+    refuses two ranks on one device.
+    """
     rank = 0
     kwargs: dict = {"store": store, "rank": 0, "world_size": world}
     if store is None:
@@ -243,23 +260,27 @@ def init_distributed(device: str, store: "dist.Store | None" = None, world: int 
             kwargs = {"init_method": "env://", "rank": rank, "world_size": world}
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0")) if store is None else 0
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
+        if stages_per_gpu(world) > 1:
+            dist.init_process_group("gloo", **kwargs)
+            return rank, dev, torch.device("cpu")
         dist.init_process_group("nccl", device_id=dev, **kwargs)
-    else:
-        dev = torch.device("cpu")
-        dist.init_process_group("gloo", **kwargs)
-    return rank, dev
+        return rank, dev, dev
+    dev = torch.device("cpu")
+    dist.init_process_group("gloo", **kwargs)
+    return rank, dev, dev
 
 
 def start_stage(
     config_bytes: bytes | None, device_hint: str, store: "dist.Store | None" = None, world: int = 1
 ) -> tuple[Stage, int, list[StageReport], Link]:
     """Common start-up of every rank: config from rank 0, build, load, agree on capacity."""
-    rank, device = init_distributed(device_hint, store, world)
-    config: RunConfig = decode(broadcast_bytes(config_bytes, device))
+    rank, device, comm_device = init_distributed(device_hint, store, world)
+    config: RunConfig = decode(broadcast_bytes(config_bytes, comm_device))
     torch.set_num_threads(max(1, config.threads))
     stage = Stage(config, rank, device)
+    stage.comm_device = comm_device
     capacity, reports = agree_capacity(stage)
     if capacity.max_total_num_tokens < 1:
         worst = min(reports, key=lambda r: r.kv_tokens)
@@ -268,7 +289,7 @@ def start_stage(
             f"of a {worst.budget_bytes / 2**30:.2f} GiB budget; raise --mem-budget/--mem-fraction or add stages"
         )
     stage.allocate(capacity.max_total_num_tokens, capacity.window_slots)
-    return stage, capacity, reports, Link(device)
+    return stage, capacity, reports, Link(comm_device)
 
 
 def worker_loop(stage: Stage, link: Link) -> None:

@@ -164,7 +164,7 @@ def workload_and_reference(tiny_checkpoints):
 def test_200_concurrent_requests_each_equal_greedy_alone(tiny_checkpoints, workload_and_reference, pp):
     prompts, max_tokens, expected = workload_and_reference
     params = [SamplingParams(temperature=0, max_tokens=n) for n in max_tokens]
-    with LLM(str(tiny_checkpoints["llama"]), pp=pp, mem_budget_gib=0.05, max_batch_tokens=256,
+    with LLM(str(tiny_checkpoints["llama"]), dtype="float32", pp=pp, mem_budget_gib=0.05, max_batch_tokens=256,
              chunked_prefill_size=32, log=False) as llm:
         outputs = llm.generate(prompts, params)
         assert llm.engine.usage()["kv_tokens_used"] == 0
@@ -182,7 +182,7 @@ def test_tiny_pool_preempts_and_outputs_stay_exact(tiny_checkpoints, workload_an
     while runtime_plan(spec, 2, None, None, "float32", (budget, budget)).max_total_num_tokens < longest + 8:
         budget += 4096
     params = [SamplingParams(temperature=0, max_tokens=n) for n in max_tokens]
-    with LLM(folder, pp=2, mem_budget_gib=budget / GiB, log=False) as llm:
+    with LLM(folder, dtype="float32", pp=2, mem_budget_gib=budget / GiB, log=False) as llm:
         assert llm.max_total_num_tokens < 4 * longest
         outputs = llm.generate(prompts, params)
         assert llm.engine.stats.preemptions > 0
@@ -191,7 +191,7 @@ def test_tiny_pool_preempts_and_outputs_stay_exact(tiny_checkpoints, workload_an
 
 
 def test_seeded_sampling_repeats_and_does_not_depend_on_the_batch(tiny_checkpoints):
-    with LLM(str(tiny_checkpoints["qwen3"]), pp=2, mem_budget_gib=0.01, log=False) as llm:
+    with LLM(str(tiny_checkpoints["qwen3"]), dtype="float32", pp=2, mem_budget_gib=0.01, log=False) as llm:
         p = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_tokens=12, seed=1234)
         alone = llm.generate([[5, 6, 7]], p)[0].token_ids
         crowd = llm.generate([[5, 6, 7]] * 3 + [[9] * 20] * 5, [p] * 3 + [SamplingParams(max_tokens=12)] * 5)
@@ -205,7 +205,7 @@ def test_stop_token_ids_and_streaming(tiny_checkpoints, workload_and_reference):
     folder = tiny_checkpoints["llama"]
     full = hf_greedy(folder, [prompts[0]], [10])[0]
     stop_at = full[4]
-    with LLM(str(folder), pp=2, mem_budget_gib=0.01, log=False) as llm:
+    with LLM(str(folder), dtype="float32", pp=2, mem_budget_gib=0.01, log=False) as llm:
         out = llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=(stop_at,)))[0]
         streamed = list(llm.stream(prompts[0], SamplingParams(temperature=0, max_tokens=10)))
     assert list(out.token_ids) == full[: full.index(stop_at) + 1] and out.finish_reason == "stop"

@@ -28,3 +28,14 @@ def test_two_stages_over_nccl_match_transformers(tiny_checkpoints):
     with LLM(folder, pp=2, device="cuda", mem_fraction=0.2, log=False) as llm:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
     assert [list(o.token_ids) for o in outs] == hf_greedy(folder, prompts, [6, 6])
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() > 4, reason="the tiny model has too few layers for a stage per GPU plus one")
+def test_stages_sharing_a_gpu_match_transformers(tiny_checkpoints):
+    """More stages than GPUs: two stages on one device, talking over gloo through host memory."""
+    folder = str(tiny_checkpoints["qwen3"])
+    prompts = [[5, 6, 7], [9, 9, 9, 9, 9]]
+    with LLM(folder, pp=torch.cuda.device_count() + 1, device="cuda", mem_fraction=0.2, log=False) as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    assert [list(o.token_ids) for o in outs] == hf_greedy(folder, prompts, [6, 6])

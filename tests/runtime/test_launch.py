@@ -33,7 +33,7 @@ def test_generate_json_contract(tiny_checkpoints):
     folder = str(tiny_checkpoints["llama"])
     run = subprocess.run(
         _pipesplit("generate", folder, "--pp", "3", "--partition", "2,2,1", "--prompt-ids", ",".join(map(str, PROMPT)),
-                   "--max-tokens", "6", "--mem-budget", "0.01", "--json"),
+                   "--max-tokens", "6", "--mem-budget", "0.01", "--dtype", "float32", "--json"),
         capture_output=True, text=True, env=ENV, timeout=180,
     )
     assert run.returncode == 0, run.stderr
@@ -60,7 +60,8 @@ CLI_ERRORS = [
     (["generate", "{llama}", "--prompt-ids", "1,2", "--temperature", "-1"], "temperature must be >= 0"),
     (["generate", "{llama}", "--prompt-ids", "1,2", "--mem-budget", "0.00001"], "raise --mem-budget"),
     (["generate", "{llama}", "--prompt-ids", "1,2", "--pp", "2", "--mem-budget", "0.00001"], "raise --mem-budget"),
-    (["generate", "smollm2", "--prompt-ids", "1,2", "--mem-budget", "0.00001"], "stage 0 needs 0.50 GiB"),
+    (["generate", "smollm2", "--prompt-ids", "1,2", "--mem-budget", "0.00001", "--dtype", "float32"],
+     "stage 0 needs 0.50 GiB"),
     (["generate", "{llama}", "--prompt-ids", "1,2", "--mem-budget", "-1"], "--mem-budget is -1"),
     (["serve", "{llama}", "--port", "0", "--mem-budget", "0.00001"], "raise --mem-budget"),
     (["serve", "{llama}", "--port", "{busy_port}"], "cannot listen on 127.0.0.1:{busy_port}"),
@@ -171,7 +172,7 @@ def test_two_torchrun_nodes_on_loopback(tiny_checkpoints):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
               "-m", "pipesplit", "generate", folder, "--pp", "2", "--prompt-ids", ",".join(map(str, PROMPT)),
-              "--max-tokens", "7", "--mem-budget", "0.01", "--json"]
+              "--max-tokens", "7", "--mem-budget", "0.01", "--dtype", "float32", "--json"]
     nodes = [
         subprocess.Popen([torchrun, "--node-rank", str(rank), *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=ENV)

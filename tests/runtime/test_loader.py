@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from pipesplit.errors import UserError
 from pipesplit.planner import costs
 from pipesplit.runtime.loader import GGUFSource, SafetensorsSource, load_stage, resolve_model
+from pipesplit.runtime.models.layers import GQAttention, SwiGLUMLP
+from pipesplit.runtime.stage import live_weight_bytes
 from pipesplit.runtime.tokenizer import load_tokenizer
 
 
@@ -147,6 +149,15 @@ def test_stage_tensors_match_the_planner_inventory(tiny_checkpoints, name):
             assert all(v.dtype == dtype for v in stage.parameters())
             held_bytes = sum(v.numel() * v.element_size() for v in stage.parameters())
             assert held_bytes == sum(t.nbytes for t in planned)
+            # q/k/v and gate/up are fused at load: views into one tensor each, no second copy kept
+            assert live_weight_bytes(stage) == held_bytes
+            storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in stage.state_dict().values()}
+            assert sum(storages.values()) == held_bytes
+            attention = [m for m in stage.modules() if isinstance(m, GQAttention)]
+            mlps = [m for m in stage.modules() if isinstance(m, SwiGLUMLP)]
+            assert len(attention) == len(mlps) == layers[1] - layers[0]
+            assert all(m.qkv[0].data_ptr() == m.q_proj.weight.data_ptr() for m in attention)
+            assert all(m.gate_up[0].data_ptr() == m.gate_proj.weight.data_ptr() for m in mlps)
 
 
 # -- GGUF ------------------------------------------------------------------------------------------

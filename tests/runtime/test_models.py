@@ -223,10 +223,11 @@ def naive_attention(q, k_pool, v_pool, batch, scale, window=None):
 
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("query_lens,context_lens,groups", [
-    ([1] * 6, [9, 1, 30, 4, 4, 17], 1),  # decodes only
-    ([1, 12, 1, 10, 1], [20, 12, 2, 20, 7], 2),  # decodes + two prefills padded together
-    ([40, 1, 2, 1], [40, 33, 90, 5], 3),  # padding would waste too much: prefills one by one
-    ([5, 3], [5, 9], 1),  # prefills only
+    ([1] * 6, [9, 1, 30, 4, 4, 17], 5),  # decodes only: grouped by length, [1] [4, 4] [9] [17] [30]
+    ([1] * 4, [50, 48, 49, 51], 1),  # similar lengths: one group, padded by under 10%
+    ([1, 12, 1, 10, 1], [20, 12, 2, 20, 7], 5),  # each prefill alone (no padded queries), decodes by length
+    ([40, 1, 2, 1], [40, 33, 90, 5], 4),
+    ([5, 3], [5, 9], 2),  # prefills only, one a chunk after earlier context
 ])
 def test_paged_attention_matches_naive(query_lens, context_lens, groups, window):
     from pipesplit.runtime.models.layers import paged_attention

@@ -70,7 +70,7 @@ def test_generate_cli_runs_a_deepseek_checkpoint(tiny_moe_checkpoints):
     prompt = PROMPTS[0]
     run = subprocess.run(
         [sys.executable, "-m", "pipesplit", "generate", folder, "--prompt-ids", ",".join(map(str, prompt)),
-         "--max-tokens", "6", "--mem-budget", "0.01", "--json"],
+         "--max-tokens", "6", "--mem-budget", "0.01", "--dtype", "float32", "--json"],
         capture_output=True, text=True, timeout=180,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
     )

@@ -38,7 +38,7 @@ def _shared_prefix_workload(first_outputs, seed: int = 0) -> tuple[list[list[int
 def _run(folder: str, pp: int, partition: str | None, cache: bool, waves) -> tuple[list[list[int]], list[int]]:
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     tokens, cached = [], []
-    with LLM(folder, pp=pp, partition=partition, mem_budget_gib=0.01, chunked_prefill_size=16,
+    with LLM(folder, pp=pp, partition=partition, mem_budget_gib=0.01, chunked_prefill_size=16, dtype="float32",
              enable_prefix_caching=cache, log=False) as llm:
         for wave in waves:
             outs = llm.generate(wave, params)

@@ -47,7 +47,8 @@ def test_window_pool_capacity_equals_the_plan_and_outputs_equal_transformers(
     assert predicted.window_slots == pool.slots
     assert predicted.max_total_num_tokens > full_charge.max_total_num_tokens  # what the window pool is for
     prompts = _workload(10)
-    with LLM(folder, pp=pp, partition=partition, mem_budget_gib=budget_gib, log=False, **LIMITS) as llm:
+    with LLM(folder, pp=pp, partition=partition, mem_budget_gib=budget_gib, dtype="float32", log=False,
+             **LIMITS) as llm:
         assert f"pool of {pool.slots} slots" in llm.startup_report()
         assert llm.plan == predicted
         assert llm.max_total_num_tokens == predicted.max_total_num_tokens
