@@ -54,7 +54,7 @@ def generate_command(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed
     )
     try:
-        with LLM(args.model, **llm_kwargs(args)) as llm:
+        with LLM(args.model, **llm_kwargs(args), progress=not args.json and sys.stderr.isatty()) as llm:
             outputs = llm.generate(prompts, params, chat=args.chat)
             report = _report(llm, prompts, outputs)
     except EngineDeadError as exc:

@@ -468,6 +468,7 @@ class LLM:
         threads: int | None = None,
         mtp: bool = False,
         log: bool = True,
+        progress: bool | None = None,
     ) -> None:
         from pipesplit.runtime.loader import resolve_model
         from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan
@@ -493,7 +494,9 @@ class LLM:
         budgets = budgets_for(self.spec, pp, device, mem_budget_gib, mem_fraction)
         self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp)
         cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
-        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp)
+        # progress bars only where a person watches: logging on and stderr a terminal (each stage checks its own)
+        progress = log and sys.stderr.isatty() if progress is None else progress
+        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp, progress)
         scheduler_config = SchedulerConfig(
             micro_batches=micro_batches or pp,
             max_batch_tokens=max_batch_tokens,

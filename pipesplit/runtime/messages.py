@@ -73,6 +73,7 @@ class RunConfig:
     mem_fraction: float
     threads: int
     mtp: bool = False
+    progress: bool = False  # a load progress bar per stage, where the stage's stderr is a terminal
 
 
 @dataclass(frozen=True)
