@@ -103,13 +103,30 @@ class SpawnedStages:
     def watch(self, on_death: Callable[[str], None]) -> None:
         """Starts watching: the first stage that exits unasked is reported to `on_death`."""
         self._on_death = on_death
-        threading.Thread(target=self._watch, daemon=True, name="stage-watch").start()
+        self._unwatch = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="stage-watch")
+        self._watcher.start()
+
+    def stop_watching(self) -> None:
+        """Ends the watcher thread and waits for it.
+
+        No thread of ours may outlive `LLM.close()`: a daemon thread still running at interpreter
+        exit holds the last references to the engine (its `on_death` is `Engine.fail`), frees the
+        engine's tensors while the interpreter finalizes, and is killed by Python inside torch's
+        tensor deallocation: std::terminate, exit 134 ("terminate called without an active exception").
+        """
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            self._unwatch.set()
+            if watcher is not threading.current_thread():
+                watcher.join()
+        self._on_death = None
 
     def init_method(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"
 
     def _watch(self) -> None:
-        while True:
+        while not self._unwatch.is_set():
             for rank, proc in self.procs.items():
                 code = proc.poll()
                 if code is None or (self.closing and code == 0):
@@ -117,11 +134,13 @@ class SpawnedStages:
                 if self.closing:
                     return
                 self.kill()
-                self._on_death(f"stage {rank} (pid {proc.pid}) {_describe_exit(code)}")
+                on_death = self._on_death
+                if on_death is not None:
+                    on_death(f"stage {rank} (pid {proc.pid}) {_describe_exit(code)}")
                 return
             if self.closing and all(p.poll() is not None for p in self.procs.values()):
                 return
-            time.sleep(0.1)
+            self._unwatch.wait(0.1)
 
     def wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -646,6 +665,7 @@ class LLM:
             if self.engine.error is not None:
                 self._spawned.kill()
             self._spawned.wait(timeout=10)
+            self._spawned.stop_watching()
         import torch.distributed as dist
 
         if self.engine.error is None and dist.is_initialized():
@@ -655,6 +675,7 @@ class LLM:
         if self._spawned is not None:
             self._spawned.closing = True
             self._spawned.kill()
+            self._spawned.stop_watching()
 
     def __enter__(self) -> "LLM":
         return self
