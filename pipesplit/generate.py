@@ -44,7 +44,7 @@ def generate_command(args: argparse.Namespace) -> int:
         from pipesplit.runtime.stage import worker_main
 
         return worker_main(args.device)
-    from pipesplit.runtime.engine import LLM, EngineDeadError
+    from pipesplit.runtime.engine import LLM, EngineDeadError, exit_after_engine_death
     from pipesplit.runtime.sampler import SamplingParams
 
     prompts: list = list(args.prompt) + parse_prompt_ids(args.prompt_ids)
@@ -59,7 +59,7 @@ def generate_command(args: argparse.Namespace) -> int:
             report = _report(llm, prompts, outputs)
     except EngineDeadError as exc:
         print(f"pipesplit: error: {exc}", file=sys.stderr)
-        return 1
+        exit_after_engine_death(1)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

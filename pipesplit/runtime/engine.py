@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from pipesplit.errors import UserError
 from pipesplit.planner.plan import Plan
@@ -32,6 +33,19 @@ WATCHER_GRACE_SECONDS = 3.0
 
 class EngineDeadError(RuntimeError):
     """A stage process died or failed; the engine cannot serve any more requests."""
+
+
+def exit_after_engine_death(code: int) -> NoReturn:
+    """Ends a command whose engine died, skipping interpreter teardown.
+
+    After a stage death the engine or start-up thread may still sit in a gloo call on a dead
+    peer and the process group cannot be destroyed; tearing the interpreter down around such a
+    thread can end in std::terminate (exit 134 instead of `code`), and it costs seconds under load.
+    Everything worth keeping (stage processes, output) is already handled when this is called.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass(frozen=True)

@@ -523,7 +523,7 @@ def serve_command(args: argparse.Namespace) -> int:
         from pipesplit.runtime.stage import worker_main
 
         return worker_main(args.device)
-    from pipesplit.runtime.engine import LLM, EngineDeadError
+    from pipesplit.runtime.engine import LLM, EngineDeadError, exit_after_engine_death
 
     limits = ServerLimits(args.max_request_bytes, args.max_prompt_tokens, args.unhealthy_seconds)
     sock = bind_socket(args.host, args.port)
@@ -533,7 +533,7 @@ def serve_command(args: argparse.Namespace) -> int:
         sock.close()
         if isinstance(exc, EngineDeadError):
             print(f"pipesplit: error: {first_line(exc)}", file=sys.stderr)
-            return 1
+            exit_after_engine_death(1)
         raise
     name = args.served_model_name or args.model
     api = OpenAIServer(llm, name, args.api_key, limits)
@@ -547,4 +547,6 @@ def serve_command(args: argparse.Namespace) -> int:
         exit_code = asyncio.run(run_server(api, sock, ready_line))
     finally:
         llm.close()
+    if llm.engine.error is not None:
+        exit_after_engine_death(exit_code or 1)
     return exit_code

