@@ -4,17 +4,15 @@ The server must exit non-zero within 5 s, every open stream must end (an error e
 [DONE], or a closed connection; never a hang), and between the death and the exit /health must
 answer 503 for the defined window (`--unhealthy-seconds`, default 2 s).
 
-The model is the tiny random llama with a byte tokenizer (tests/server/test_fuzz.py) and a
+The model is the tiny random llama with a byte tokenizer (tests/server/conftest.py) and a
 4,096-token context, so that streams of 3,000 tokens are still running when the fault comes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,24 +26,12 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from pipesplit.server.limits import UNHEALTHY_SECONDS  # noqa: E402
-from tests.server.test_fuzz import add_byte_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 STREAMS = 6
 EXIT_WITHIN = 5.0
-
-
-@pytest.fixture(scope="module")
-def long_context_model(tiny_checkpoints, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("faults") / "llama4k"
-    shutil.copytree(tiny_checkpoints["llama"], folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 4096  # plain rope: the weights do not depend on it
-    (folder / "config.json").write_text(json.dumps(config))
-    add_byte_tokenizer(folder)
-    return folder
 
 
 def serve_args(model: Path) -> list[str]:

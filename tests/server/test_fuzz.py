@@ -20,8 +20,6 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tests.conftest import make_tiny_checkpoint  # noqa: E402
-
 PATHS = ("/v1/completions", "/v1/chat/completions")
 MODEL = "tiny"
 GOOD = {
@@ -29,28 +27,6 @@ GOOD = {
     "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
 }
 MAX_REQUEST_BYTES = 64 * 1024
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-
-
-def add_byte_tokenizer(folder) -> None:
-    """A byte-level BPE tokenizer with one id per byte (no merges): any text encodes, ids 0..255."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    assert len(vocab) == 256
-    tokenizer = Tokenizer(models.BPE(vocab, [], fuse_unk=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory):
-    folder = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("fuzz") / "tiny")
-    add_byte_tokenizer(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
