@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CASES = {"pp2": ["--pp", "2"], "pp3_1,2,2": ["--pp", "3", "--partition", "1,2,2"]}
+CASES = {"pp2": ["--pp", "2"], "pp3": ["--pp", "3", "--partition", "1,2,2"]}
 
 
 def main() -> int:
@@ -47,7 +47,7 @@ def main() -> int:
                 codes[run.returncode] += 1
                 if run.returncode != 0:
                     failures.append({"run": i, "code": run.returncode, "stderr_tail": run.stderr[-400:]})
-            results[case] = {"runs": args.runs, "zero_exits": codes[0], "exit_codes": dict(codes),
+            results[case] = {"flags": " ".join(flags), "runs": args.runs, "zero_exits": codes[0], "exit_codes": dict(codes),
                              "seconds": round(time.perf_counter() - started, 1), "failures": failures}
             print(f"{case}: {codes[0]}/{args.runs} zero exits {dict(codes)}", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -29,6 +29,8 @@ from pipesplit.runtime.scheduler import Request, ScheduledBatch, Scheduler, Sche
 
 HEARTBEAT_SECONDS = 30.0
 WATCHER_GRACE_SECONDS = 3.0
+HEARTBEAT_INTERVAL = 0.5  # torchrun stages -> rank 0
+HEARTBEAT_TIMEOUT = 3.0
 
 
 class EngineDeadError(RuntimeError):
@@ -168,6 +170,108 @@ class SpawnedStages:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
+
+
+class RemoteStages:
+    """Stages started by torchrun, possibly on other machines, watched through heartbeats.
+
+    Rank 0 cannot poll another node's processes, and gloo does not notice a dead peer reliably
+    (an isend to it can block for good). Every stage connects to this port once it has started
+    and sends a byte every HEARTBEAT_INTERVAL; a connection that closes (the process died: the
+    kernel closes it) or stays silent for HEARTBEAT_TIMEOUT (the node is gone) is reported to
+    `on_death`, like a spawned stage that exits.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.closing = False
+        self._listener = socket.create_server(("", 0), family=socket.AF_INET, backlog=world_size)
+        self.port = self._listener.getsockname()[1]
+        self._unwatch = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._on_death: Callable[[str], None] | None = None
+
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        self._on_death = on_death
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="stage-heartbeats")
+        self._watcher.start()
+
+    def stop_watching(self) -> None:
+        """Ends the watcher thread and waits for it (see SpawnedStages.stop_watching)."""
+        self._unwatch.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
+        self._on_death = None
+        self._listener.close()
+
+    def _report(self, why: str) -> None:
+        on_death = self._on_death
+        if on_death is not None and not self.closing and not self._unwatch.is_set():
+            on_death(why)
+
+    def _watch(self) -> None:
+        import selectors
+
+        peers: dict[socket.socket, tuple[int | None, str, float]] = {}  # -> (rank, address, last heard)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            while not self._unwatch.is_set():
+                now = time.monotonic()
+                for conn, (rank, address, heard) in list(peers.items()):
+                    if rank is not None and now - heard > HEARTBEAT_TIMEOUT:
+                        self._report(f"stage {rank} ({address}) sent no heartbeat for {HEARTBEAT_TIMEOUT:g} s: "
+                                     "its node is unreachable")
+                        return
+                for key, _ in selector.select(timeout=0.1):
+                    if key.fileobj is self._listener:
+                        conn, (host, port) = self._listener.accept()
+                        peers[conn] = (None, f"{host}:{port}", time.monotonic())
+                        selector.register(conn, selectors.EVENT_READ)
+                        continue
+                    conn = key.fileobj
+                    rank, address, _ = peers[conn]
+                    try:
+                        data = conn.recv(64)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        if self.closing:
+                            selector.unregister(conn)
+                            conn.close()
+                            del peers[conn]
+                            continue
+                        self._report(f"stage {rank if rank is not None else '?'} ({address}) closed its heartbeat "
+                                     "connection: the process or its node is gone")
+                        return
+                    if rank is None:
+                        rank = data[0]  # the first byte a stage sends is its rank
+                    peers[conn] = (rank, address, time.monotonic())
+            for conn in peers:
+                conn.close()
+
+
+def send_heartbeats(address: str, port: int, rank: int) -> threading.Event:
+    """A stage under torchrun: heartbeats to rank 0 (see RemoteStages) until the returned event
+    is set (the stage got its shutdown). If rank 0 goes away without a shutdown, the process exits."""
+    conn = socket.create_connection((address, port), timeout=30)
+    conn.settimeout(HEARTBEAT_TIMEOUT)
+    done = threading.Event()
+
+    def beat() -> None:
+        try:
+            conn.sendall(bytes([rank]))
+            while not done.wait(HEARTBEAT_INTERVAL):
+                conn.sendall(b".")
+        except OSError:
+            # rank 0 closes these connections when it stops, just after sending the shutdown
+            if not done.wait(HEARTBEAT_TIMEOUT):
+                print(f"pipesplit: stage {rank} stopped: rank 0 is gone", file=sys.stderr, flush=True)
+                os._exit(1)  # the main thread may be blocked in a recv from rank 0 for good
+        finally:
+            conn.close()
+
+    threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+    return done
 
 
 def _describe_exit(code: int) -> str:
@@ -529,14 +633,17 @@ class LLM:
         cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
         # progress bars only where a person watches: logging on and stderr a terminal (each stage checks its own)
         progress = log and sys.stderr.isatty() if progress is None else progress
-        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp, progress)
+        self._closed = True
+        self._remote = RemoteStages(pp) if torchrun and pp > 1 else None
+        heartbeat_port = self._remote.port if self._remote is not None else 0
+        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp, progress,
+                           heartbeat_port)
         scheduler_config = SchedulerConfig(
             micro_batches=micro_batches or pp,
             max_batch_tokens=max_batch_tokens,
             max_running_requests=max_running_requests,
             chunked_prefill_size=chunked_prefill_size,
         )
-        self._closed = True
         self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
         if self._spawned is not None:
             init_method = self._spawned.init_method()
@@ -548,10 +655,10 @@ class LLM:
             eos_token_ids=frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.spec.eos_token_ids),
             detokenize=self.tokenizer.decode if self.tokenizer else (lambda ids: ""),
             init_method=init_method,
-            watched=self._spawned is not None,
+            watched=self._watchers() != [],
         )
-        if self._spawned is not None:
-            self._spawned.watch(self.engine.fail)
+        for watcher in self._watchers():
+            watcher.watch(self.engine.fail)
         self._start_engine()
         self._closed = False
         if log:
@@ -671,25 +778,31 @@ class LLM:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        if self._spawned is not None:
-            self._spawned.closing = True
+        for watcher in self._watchers():
+            watcher.closing = True
         # After a failure the engine thread may sit in a recv from a dead peer: do not wait long.
         self.engine.stop(timeout=2.0 if self.engine.error is not None else 30.0)
         if self._spawned is not None:
             if self.engine.error is not None:
                 self._spawned.kill()
             self._spawned.wait(timeout=10)
-            self._spawned.stop_watching()
+        for watcher in self._watchers():
+            watcher.stop_watching()
         import torch.distributed as dist
 
         if self.engine.error is None and dist.is_initialized():
             dist.destroy_process_group()
 
+    def _watchers(self) -> list:
+        """What reports a stage death: the spawned processes, or torchrun stages' heartbeats."""
+        return [w for w in (self._spawned, self._remote) if w is not None]
+
     def _kill(self) -> None:
+        for watcher in self._watchers():
+            watcher.closing = True
+            watcher.stop_watching()
         if self._spawned is not None:
-            self._spawned.closing = True
             self._spawned.kill()
-            self._spawned.stop_watching()
 
     def __enter__(self) -> "LLM":
         return self

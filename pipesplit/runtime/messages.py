@@ -74,6 +74,7 @@ class RunConfig:
     threads: int
     mtp: bool = False
     progress: bool = False  # a load progress bar per stage, where the stage's stderr is a terminal
+    heartbeat_port: int = 0  # under torchrun: rank 0's port that stages send heartbeats to (0: none)
 
 
 @dataclass(frozen=True)

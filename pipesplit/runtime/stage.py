@@ -281,7 +281,14 @@ def worker_main(device: str = "cpu") -> int:
     rank = os.environ.get("RANK", "?")
     try:
         stage, _, _, link = start_stage(None, device)
+        heartbeats = None
+        if stage.config.heartbeat_port:
+            from pipesplit.runtime.engine import send_heartbeats
+
+            heartbeats = send_heartbeats(os.environ["MASTER_ADDR"], stage.config.heartbeat_port, stage.rank)
         worker_loop(stage, link)
+        if heartbeats is not None:
+            heartbeats.set()
         dist.destroy_process_group()
         return 0
     except Exception as exc:  # noqa: BLE001 -- reported to the user with the stage named
