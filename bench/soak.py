@@ -313,7 +313,7 @@ def judge(args, run: dict, exit_code: int | None) -> dict:
         "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "load_seconds": round(run["load_seconds"], 1),
         "client": asdict(tally),
-        "server_metrics_delta": {k: delta(k) for k in after if k.endswith("_total")},
+        "server_metrics_delta": {k: delta(k) for k in after if k.endswith("_total") and k != "pipesplit_kv_tokens_total"},
         "generated_tokens_by_abandoned_requests": generated_by_abandoned,
         "output_tokens_per_second": round(generated / run["load_seconds"], 2),
         "requests_per_second": round((tally.finished + tally.abandoned) / run["load_seconds"], 3),

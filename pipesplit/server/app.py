@@ -338,6 +338,9 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+DRAIN_BYTES_PER_LIMIT = 16  # a refused body is read and dropped up to 16x the limit, then the connection closes
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` is answered 413, one that is not UTF-8
     400, before anything parses it."""
@@ -383,6 +386,15 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send) -> None:
+        # Read (and drop) the rest of the body first, up to a bound: closing a connection with unread
+        # bytes makes the kernel reset it, and the client would see a broken connection, not the 413.
+        drained, more = 0, True
+        while more and drained < DRAIN_BYTES_PER_LIMIT * self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
         error = APIError(413, f"the request body is larger than {self.max_bytes} bytes; send less or raise "
                          "--max-request-bytes", code="request_too_large")
         await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)

@@ -172,6 +172,12 @@ def test_sigkill_of_a_stage_under_load(long_context_model):
         (stage,) = stage_pids(server.pid)
         os.kill(stage, signal.SIGKILL)
         killed_at = time.monotonic()
+        while not any(status == 503 for _, status in health) and time.monotonic() - killed_at < EXIT_WITHIN:
+            time.sleep(0.01)
+        # inside the window a new request is refused, as /health says
+        refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable", refused.text
+        assert "stage 1" in refused.json()["error"]["message"]
         assert_fault_handled(server.pid, streams, health, killed_at)
         stop.set()
         assert server.wait(5) == 1
