@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from pipesplit.errors import UserError
 from pipesplit.planner.plan import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING_REQUESTS
+from pipesplit.server.limits import DEFAULT_MAX_REQUEST_BYTES, UNHEALTHY_SECONDS
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -135,6 +136,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require this bearer token")
     serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                       help=f"larger request bodies get 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
+    serve.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="longer prompts get 400 (default: the context length minus one)")
+    serve.add_argument("--unhealthy-seconds", type=float, default=UNHEALTHY_SECONDS,
+                       help=f"after a stage dies, answer 503 this long before exiting (default {UNHEALTHY_SECONDS:g})")
     _add_runtime_args(serve)
     return parser, dict(sub.choices)
 

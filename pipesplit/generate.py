@@ -45,7 +45,7 @@ def generate_command(args: argparse.Namespace) -> int:
         from pipesplit.runtime.stage import worker_main
 
         return worker_main(args.device)
-    from pipesplit.runtime.engine import LLM, EngineDeadError, check_prompt_ids, encode_prompt
+    from pipesplit.runtime.engine import LLM, EngineDeadError, check_prompt_ids, encode_prompt, exit_after_engine_death
     from pipesplit.runtime.loader import resolve_model
     from pipesplit.runtime.sampler import SamplingParams
     from pipesplit.runtime.tokenizer import load_tokenizer_or_none
@@ -61,12 +61,12 @@ def generate_command(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer_or_none(source)
     encoded = [check_prompt_ids(source.spec, encode_prompt(tokenizer, source.spec.name, p, args.chat)) for p in prompts]
     try:
-        with LLM(args.model, **llm_kwargs(args)) as llm:
+        with LLM(args.model, **llm_kwargs(args), progress=not args.json and sys.stderr.isatty()) as llm:
             outputs = llm.generate(encoded, params)
             report = _report(llm, prompts, outputs)
     except EngineDeadError as exc:
         print(f"pipesplit: error: {exc}", file=sys.stderr)
-        return 1
+        exit_after_engine_death(1)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -12,13 +12,14 @@ import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pipesplit.errors import UserError
 from pipesplit.planner.plan import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING_REQUESTS, Plan
@@ -34,10 +35,25 @@ if TYPE_CHECKING:
 
 HEARTBEAT_SECONDS = 30.0
 WATCHER_GRACE_SECONDS = 3.0
+HEARTBEAT_INTERVAL = 0.5  # torchrun stages -> rank 0
+HEARTBEAT_TIMEOUT = 3.0
 
 
 class EngineDeadError(RuntimeError):
     """A stage process died or failed; the engine cannot serve any more requests."""
+
+
+def exit_after_engine_death(code: int) -> NoReturn:
+    """Ends a command whose engine died, skipping interpreter teardown.
+
+    After a stage death the engine or start-up thread may still sit in a gloo call on a dead
+    peer and the process group cannot be destroyed; tearing the interpreter down around such a
+    thread can end in std::terminate (exit 134 instead of `code`), and it costs seconds under load.
+    Everything worth keeping (stage processes, output) is already handled when this is called.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass(frozen=True)
@@ -140,11 +156,28 @@ class SpawnedStages:
     def watch(self, on_death: Callable[[str], None]) -> None:
         """Starts watching: the first stage that exits unasked is reported to `on_death`."""
         self._on_death = on_death
-        threading.Thread(target=self._watch, daemon=True, name="stage-watch").start()
+        self._unwatch = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="stage-watch")
+        self._watcher.start()
+
+    def stop_watching(self) -> None:
+        """Ends the watcher thread and waits for it.
+
+        No thread of ours may outlive `LLM.close()`: a daemon thread still running at interpreter
+        exit holds the last references to the engine (its `on_death` is `Engine.fail`), frees the
+        engine's tensors while the interpreter finalizes, and is killed by Python inside torch's
+        tensor deallocation: std::terminate, exit 134 ("terminate called without an active exception").
+        """
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            self._unwatch.set()
+            if watcher is not threading.current_thread():
+                watcher.join()
+        self._on_death = None
 
 
     def _watch(self) -> None:
-        while True:
+        while not self._unwatch.is_set():
             for rank, proc in self.procs.items():
                 code = proc.poll()
                 if code is None or (self.closing and code == 0):
@@ -152,11 +185,13 @@ class SpawnedStages:
                 if self.closing:
                     return
                 self.kill()
-                self._on_death(f"stage {rank} (pid {proc.pid}) {_describe_exit(code)}")
+                on_death = self._on_death
+                if on_death is not None:
+                    on_death(f"stage {rank} (pid {proc.pid}) {_describe_exit(code)}")
                 return
             if self.closing and all(p.poll() is not None for p in self.procs.values()):
                 return
-            time.sleep(0.1)
+            self._unwatch.wait(0.1)
 
     def wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -170,6 +205,108 @@ class SpawnedStages:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
+
+
+class RemoteStages:
+    """Stages started by torchrun, possibly on other machines, watched through heartbeats.
+
+    Rank 0 cannot poll another node's processes, and gloo does not notice a dead peer reliably
+    (an isend to it can block for good). Every stage connects to this port once it has started
+    and sends a byte every HEARTBEAT_INTERVAL; a connection that closes (the process died: the
+    kernel closes it) or stays silent for HEARTBEAT_TIMEOUT (the node is gone) is reported to
+    `on_death`, like a spawned stage that exits.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.closing = False
+        self._listener = socket.create_server(("", 0), family=socket.AF_INET, backlog=world_size)
+        self.port = self._listener.getsockname()[1]
+        self._unwatch = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._on_death: Callable[[str], None] | None = None
+
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        self._on_death = on_death
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="stage-heartbeats")
+        self._watcher.start()
+
+    def stop_watching(self) -> None:
+        """Ends the watcher thread and waits for it (see SpawnedStages.stop_watching)."""
+        self._unwatch.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
+        self._on_death = None
+        self._listener.close()
+
+    def _report(self, why: str) -> None:
+        on_death = self._on_death
+        if on_death is not None and not self.closing and not self._unwatch.is_set():
+            on_death(why)
+
+    def _watch(self) -> None:
+        import selectors
+
+        peers: dict[socket.socket, tuple[int | None, str, float]] = {}  # -> (rank, address, last heard)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            while not self._unwatch.is_set():
+                now = time.monotonic()
+                for conn, (rank, address, heard) in list(peers.items()):
+                    if rank is not None and now - heard > HEARTBEAT_TIMEOUT:
+                        self._report(f"stage {rank} ({address}) sent no heartbeat for {HEARTBEAT_TIMEOUT:g} s: "
+                                     "its node is unreachable")
+                        return
+                for key, _ in selector.select(timeout=0.1):
+                    if key.fileobj is self._listener:
+                        conn, (host, port) = self._listener.accept()
+                        peers[conn] = (None, f"{host}:{port}", time.monotonic())
+                        selector.register(conn, selectors.EVENT_READ)
+                        continue
+                    conn = key.fileobj
+                    rank, address, _ = peers[conn]
+                    try:
+                        data = conn.recv(64)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        if self.closing:
+                            selector.unregister(conn)
+                            conn.close()
+                            del peers[conn]
+                            continue
+                        self._report(f"stage {rank if rank is not None else '?'} ({address}) closed its heartbeat "
+                                     "connection: the process or its node is gone")
+                        return
+                    if rank is None:
+                        rank = data[0]  # the first byte a stage sends is its rank
+                    peers[conn] = (rank, address, time.monotonic())
+            for conn in peers:
+                conn.close()
+
+
+def send_heartbeats(address: str, port: int, rank: int) -> threading.Event:
+    """A stage under torchrun: heartbeats to rank 0 (see RemoteStages) until the returned event
+    is set (the stage got its shutdown). If rank 0 goes away without a shutdown, the process exits."""
+    conn = socket.create_connection((address, port), timeout=30)
+    conn.settimeout(HEARTBEAT_TIMEOUT)
+    done = threading.Event()
+
+    def beat() -> None:
+        try:
+            conn.sendall(bytes([rank]))
+            while not done.wait(HEARTBEAT_INTERVAL):
+                conn.sendall(b".")
+        except OSError:
+            # rank 0 closes these connections when it stops, just after sending the shutdown
+            if not done.wait(HEARTBEAT_TIMEOUT):
+                print(f"pipesplit: stage {rank} stopped: rank 0 is gone", file=sys.stderr, flush=True)
+                os._exit(1)  # the main thread may be blocked in a recv from rank 0 for good
+        finally:
+            conn.close()
+
+    threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+    return done
 
 
 def _describe_exit(code: int) -> str:
@@ -535,6 +672,7 @@ class LLM:
         mtp: bool = False,
         enable_prefix_caching: bool = True,
         log: bool = True,
+        progress: bool | None = None,
     ) -> None:
         from pipesplit.planner.plan import window_pool_for
         from pipesplit.runtime.dtype import choose_dtype
@@ -570,8 +708,13 @@ class LLM:
         self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp, window_pool)
         check_fits(self.plan, device)
         cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
-        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp, window_pool)
+        # progress bars only where a person watches: logging on and stderr a terminal (each stage checks its own)
+        progress = log and sys.stderr.isatty() if progress is None else progress
         self._closed = True
+        self._remote = RemoteStages(pp) if torchrun and pp > 1 else None
+        heartbeat_port = self._remote.port if self._remote is not None else 0
+        config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp,
+                           window_pool=window_pool, progress=progress, heartbeat_port=heartbeat_port)
         self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
         if self._spawned is not None:
             store = self._spawned.store
@@ -585,10 +728,10 @@ class LLM:
             eos_token_ids=frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.spec.eos_token_ids),
             detokenize=self.tokenizer.decode if self.tokenizer else (lambda ids: ""),
             store=store,
-            watched=self._spawned is not None,
+            watched=self._watchers() != [],
         )
-        if self._spawned is not None:
-            self._spawned.watch(self.engine.fail)
+        for watcher in self._watchers():
+            watcher.watch(self.engine.fail)
         self._start_engine()
         self._closed = False
         if log:
@@ -710,22 +853,30 @@ class LLM:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        if self._spawned is not None:
-            self._spawned.closing = True
+        for watcher in self._watchers():
+            watcher.closing = True
         # After a failure the engine thread may sit in a recv from a dead peer: do not wait long.
         self.engine.stop(timeout=2.0 if self.engine.error is not None else 30.0)
         if self._spawned is not None:
             if self.engine.error is not None:
                 self._spawned.kill()
             self._spawned.wait(timeout=10)
+        for watcher in self._watchers():
+            watcher.stop_watching()
         import torch.distributed as dist
 
         if self.engine.error is None and dist.is_initialized():
             dist.destroy_process_group()
 
+    def _watchers(self) -> list:
+        """What reports a stage death: the spawned processes, or torchrun stages' heartbeats."""
+        return [w for w in (self._spawned, self._remote) if w is not None]
+
     def _kill(self) -> None:
+        for watcher in self._watchers():
+            watcher.closing = True
+            watcher.stop_watching()
         if self._spawned is not None:
-            self._spawned.closing = True
             self._spawned.kill()
 
     def __enter__(self) -> "LLM":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -471,8 +472,10 @@ def load_stage(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     mtp: bool = False,
+    on_tensor: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """Builds the stage on the meta device and fills it with its own tensors from `source`.
+    """Builds the stage on the meta device and fills it with its own tensors from `source`;
+    `on_tensor(nbytes)` is called after each tensor is read (a progress bar).
 
     A checkpoint's MTP modules (`model.layers.{num_layers + i}.*`) are read only with mtp=True,
     by the last stage, which then holds them for memory accounting; they are never run.
@@ -496,6 +499,8 @@ def load_stage(
                     f"tensor {stored} in {source.path} has shape {list(shape)}, the config implies {list(meta.shape)}"
                 )
             state[name] = source.read(stored).to(device=device, dtype=dtype)
+            if on_tensor is not None:
+                on_tensor(state[name].numel() * state[name].element_size())
     finally:
         source.close()
     stage.load_state_dict(state, strict=True, assign=True)

@@ -83,6 +83,8 @@ class RunConfig:
     threads: int
     mtp: bool = False
     window_pool: WindowPool | None = None  # the sliding-window pool's limits (models with windowed layers)
+    progress: bool = False  # a load progress bar per stage, where the stage's stderr is a terminal
+    heartbeat_port: int = 0  # under torchrun: rank 0's port that stages send heartbeats to (0: none)
 
 
 @dataclass(frozen=True)

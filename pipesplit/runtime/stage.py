@@ -7,6 +7,7 @@ on, and on the last stage sample and send the token ids back to rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -90,10 +91,11 @@ class Stage:
         source = resolve_model(config.model)
         self.spec = source.spec
         start, end = self.plan.layers
-        self.model = load_stage(
-            source, self.spec, (start, end), self.plan.embedding, self.plan.lm_head, self.dtype, device,
-            mtp=self.plan.mtp,
-        )
+        with load_progress(self.plan, self.num_stages, config.progress) as on_tensor:
+            self.model = load_stage(
+                source, self.spec, (start, end), self.plan.embedding, self.plan.lm_head, self.dtype, device,
+                mtp=self.plan.mtp, on_tensor=on_tensor,
+            )
         self.model.eval()
         self.load_seconds = time.perf_counter() - started
         self.param_bytes = live_weight_bytes(self.model)
@@ -188,6 +190,25 @@ class Stage:
     def sample(self, message: StepMessage, logits: torch.Tensor) -> torch.Tensor:
         samplers = [self.samplers[s.req_id] for s in message.seqs if s.sample]
         return sample_tokens(logits.float().cpu(), samplers)
+
+
+@contextlib.contextmanager
+def load_progress(plan: StagePlan, num_stages: int, wanted: bool):
+    """A progress bar of the stage's weight bytes on its own terminal line (line = stage), or nothing
+    when not wanted (`--json`) or when this process's stderr is not a terminal."""
+    if not (wanted and sys.stderr.isatty()):
+        yield None
+        return
+    from tqdm import tqdm
+
+    start, end = plan.layers
+    bar = tqdm(total=plan.weight_bytes, unit="B", unit_scale=True, unit_divisor=1024, position=plan.stage,
+               desc=f"stage {plan.stage}/{num_stages} layers {start}-{end - 1}", leave=False, file=sys.stderr,
+               mininterval=0.2)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
 
 
 def live_weight_bytes(model: torch.nn.Module) -> int:
@@ -336,7 +357,14 @@ def worker_main(device: str = "cpu") -> int:
     rank = os.environ.get("RANK", "?")
     try:
         stage, _, _, link = start_stage(None, device)
+        heartbeats = None
+        if stage.config.heartbeat_port:
+            from pipesplit.runtime.engine import send_heartbeats
+
+            heartbeats = send_heartbeats(os.environ["MASTER_ADDR"], stage.config.heartbeat_port, stage.rank)
         worker_loop(stage, link)
+        if heartbeats is not None:
+            heartbeats.set()
         dist.destroy_process_group()
         return 0
     except Exception as exc:  # noqa: BLE001 -- reported to the user with the stage named

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from pipesplit.errors import UserError
+from pipesplit.server.limits import ServerLimits
 from pipesplit.server.protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     GREEDY_TEMPERATURE,
@@ -91,11 +92,14 @@ class _Job:
 class OpenAIServer:
     """The HTTP front of one `LLM`: validates requests, submits them, shapes the answers."""
 
-    def __init__(self, llm, served_model_name: str, api_key: str | None = None) -> None:
+    def __init__(self, llm, served_model_name: str, api_key: str | None = None,
+                 limits: ServerLimits = ServerLimits()) -> None:
         self.llm = llm
         self.engine = llm.engine
         self.served_model_name = served_model_name
         self.api_key = api_key
+        self.limits = limits
+        self._longest_token_bytes: int | None = None
         self.created = int(time.time())
         self.inflight: dict[int, asyncio.Queue] = {}
         self.stopping: str | None = None  # why new requests are refused, once shutting down
@@ -128,6 +132,37 @@ class OpenAIServer:
         for param, why in body.unsupported():
             raise APIError(400, why, param=param, code="unsupported_parameter")
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt accepted: --max-prompt-tokens, at most the context minus one."""
+        fits = self.engine.max_context - 1
+        return fits if self.limits.max_prompt_tokens is None else min(self.limits.max_prompt_tokens, fits)
+
+    def _check_text(self, text: str, param: str) -> None:
+        """Rejects text the tokenizer cannot take (a lone surrogate from a JSON escape such as
+        "\\ud800"), and text that must exceed max_prompt_tokens, without tokenizing it: no token
+        covers more UTF-8 bytes than the vocabulary's longest entry."""
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"the text holds {text[exc.start]!r} at character {exc.start}, a lone surrogate that "
+                           "is not Unicode text; send valid UTF-8", param=param) from None
+        if self._longest_token_bytes is None:
+            vocab = self.llm.tokenizer.backend.get_vocab(with_added_tokens=True)
+            self._longest_token_bytes = max((len(t.encode(errors="replace")) for t in vocab), default=1)
+        limit = self.max_prompt_tokens * self._longest_token_bytes
+        if size > limit:
+            raise APIError(400, f"the prompt is {size} bytes of text, more than {self.max_prompt_tokens} tokens "
+                           f"can hold (at most {limit} bytes); shorten the prompt", param=param,
+                           code="context_length_exceeded")
+
+    def _tokenizer(self, param: str):
+        """The model's tokenizer; a checkpoint without tokenizer files only takes token ids."""
+        if self.llm.tokenizer is None:
+            raise APIError(400, f"{self.served_model_name} has no tokenizer files; send the prompt as token ids "
+                           "to /v1/completions", param=param)
+        return self.llm.tokenizer
+
     def completion_prompt(self, body: CompletionRequest) -> list[int]:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -135,24 +170,22 @@ class OpenAIServer:
                 raise APIError(400, f"got {len(prompt)} prompts; send one prompt per request", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self.tokenizer("prompt").encode(prompt)
+            tokenizer = self._tokenizer("prompt")
+            self._check_text(prompt, "prompt")
+            return tokenizer.encode(prompt)
         return list(prompt)
-
-    def tokenizer(self, param: str):
-        """The model's tokenizer; a checkpoint without tokenizer files only takes token ids."""
-        if self.llm.tokenizer is None:
-            raise APIError(400, f"{self.served_model_name} has no tokenizer files; send the prompt as token ids "
-                           "to /v1/completions", param=param)
-        return self.llm.tokenizer
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         from jinja2.exceptions import TemplateError  # the chat template's own raise_exception()
 
+        tokenizer = self._tokenizer("messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            return list(self.tokenizer("messages").apply_chat_template(messages))
+            text = tokenizer.render_chat(messages)
         except (UserError, TemplateError) as exc:
             raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
+        self._check_text(text, "messages")
+        return list(tokenizer.backend.encode(text, add_special_tokens=False).ids)
 
     def sampling_params(self, body: RequestBody, prompt_len: int, default_max_tokens: int | None, prompt_param: str):
         from pipesplit.runtime.sampler import SamplingParams
@@ -166,6 +199,10 @@ class OpenAIServer:
                 f"and the KV capacity {self.llm.max_total_num_tokens}); shorten the prompt",
                 param=prompt_param, code="context_length_exceeded",
             )
+        if prompt_len > self.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {prompt_len} tokens but this server accepts at most "
+                           f"{self.max_prompt_tokens} (--max-prompt-tokens); shorten the prompt",
+                           param=prompt_param, code="context_length_exceeded")
         room = max_context - prompt_len
         max_tokens, field = body.requested_max_tokens()
         if max_tokens is None:
@@ -313,6 +350,68 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+DRAIN_BYTES_PER_LIMIT = 16  # a refused body is read and dropped up to 16x the limit, then the connection closes
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413, one that is not UTF-8
+    400, before anything parses it."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+        body, replayed = b"".join(chunks), False
+        try:
+            body.decode()
+        except UnicodeDecodeError as exc:
+            error = APIError(400, f"the request body is not valid UTF-8 (byte {exc.start}); send JSON encoded as UTF-8")
+            await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+            return
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: waits for http.disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        # Read (and drop) the rest of the body first, up to a bound: closing a connection with unread
+        # bytes makes the kernel reset it, and the client would see a broken connection, not the 413.
+        drained, more = 0, True
+        while more and drained < DRAIN_BYTES_PER_LIMIT * self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        error = APIError(413, f"the request body is larger than {self.max_bytes} bytes; send less or raise "
+                         "--max-request-bytes", code="request_too_large")
+        await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+
 def build_app(api: OpenAIServer):
     app = FastAPI(title="pipesplit", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -361,7 +460,8 @@ def build_app(api: OpenAIServer):
     async def metrics():
         return PlainTextResponse(api.metrics(), media_type="text/plain; version=0.0.4")
 
-    if api.api_key:
+    app.add_middleware(BodyLimit, max_bytes=api.limits.max_request_bytes)
+    if api.api_key:  # added last, so it runs first: an unauthenticated body is never read
         app.add_middleware(BearerAuth, api_key=api.api_key)
     return app
 
@@ -402,8 +502,14 @@ def _uvicorn_server(app, on_signal: Callable[[int], None]):
 
 
 async def run_server(api: OpenAIServer, sock: socket.socket, ready_line: Callable[[int], str]) -> int:
-    """Serves until a signal (exit 0) or until the engine dies (exit 1)."""
+    """Serves until a signal (exit 0) or until the engine dies (exit 1).
+
+    After the engine dies the server stays up for `limits.unhealthy_seconds`, answering 503 on /health
+    and on every request, so that a load balancer's probe sees the failure before the port closes.
+    Open streams get their error event at once, not at the end of that window.
+    """
     exit_code = 0
+    died_at: float | None = None
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: int) -> None:
@@ -422,12 +528,14 @@ async def run_server(api: OpenAIServer, sock: socket.socket, ready_line: Callabl
     if server.started:
         print(ready_line(sock.getsockname()[1]), flush=True)
     while not serving.done():
-        if api.engine.error is not None and exit_code == 0:
+        if api.engine.error is not None and died_at is None:
             print(f"pipesplit: error: {first_line(api.engine.error)}", file=sys.stderr, flush=True)
             exit_code = 1
+            died_at = time.monotonic()
             api.engine_died()
+        if died_at is not None and time.monotonic() - died_at >= api.limits.unhealthy_seconds:
             server.should_exit = True
-        await asyncio.wait({serving}, timeout=0.1)
+        await asyncio.wait({serving}, timeout=0.05)
     serving.result()
     return exit_code
 
@@ -439,8 +547,9 @@ def serve_command(args: argparse.Namespace) -> int:
         from pipesplit.runtime.stage import worker_main
 
         return worker_main(args.device)
-    from pipesplit.runtime.engine import LLM, EngineDeadError
+    from pipesplit.runtime.engine import LLM, EngineDeadError, exit_after_engine_death
 
+    limits = ServerLimits(args.max_request_bytes, args.max_prompt_tokens, args.unhealthy_seconds)
     sock = bind_socket(args.host, args.port)
     try:
         llm = LLM(args.model, **llm_kwargs(args))
@@ -448,10 +557,10 @@ def serve_command(args: argparse.Namespace) -> int:
         sock.close()
         if isinstance(exc, EngineDeadError):
             print(f"pipesplit: error: {first_line(exc)}", file=sys.stderr)
-            return 1
+            exit_after_engine_death(1)
         raise
     name = args.served_model_name or args.model
-    api = OpenAIServer(llm, name, args.api_key)
+    api = OpenAIServer(llm, name, args.api_key, limits)
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     def ready_line(port: int) -> str:
@@ -462,4 +571,6 @@ def serve_command(args: argparse.Namespace) -> int:
         exit_code = asyncio.run(run_server(api, sock, ready_line))
     finally:
         llm.close()
+    if llm.engine.error is not None:
+        exit_after_engine_death(exit_code or 1)
     return exit_code

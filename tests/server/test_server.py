@@ -476,33 +476,6 @@ def test_api_key(server, http):
 
 
 # -- lifecycle ------------------------------------------------------------------------------------------
-def test_dead_engine_fails_health_and_requests():
-    """Once a stage is gone (engine.error set) /health and every request answer 503.
-
-    A stand-in engine holds that state still; the live kill below exits too fast to probe it.
-    """
-    from fastapi.testclient import TestClient
-
-    from pipesplit.runtime.engine import EngineDeadError
-    from pipesplit.server.app import OpenAIServer, build_app
-
-    class DeadEngine:
-        error = EngineDeadError("stage 1 (pid 42) was killed by SIGKILL")
-        max_context = 64
-
-        def submit(self, *args):
-            raise self.error
-
-    llm = SimpleNamespace(engine=DeadEngine(), tokenizer=SimpleNamespace(encode=lambda text: [1, 2, 3]),
-                          spec=SimpleNamespace(max_position_embeddings=64), max_total_num_tokens=64)
-    with TestClient(build_app(OpenAIServer(llm, MODEL))) as test_client:
-        health = test_client.get("/health")
-        assert health.status_code == 503 and "stage 1" in health.json()["error"]["message"]
-        response = test_client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4})
-        assert response.status_code == 503
-        assert response.json()["error"]["code"] == "engine_unavailable"
-
-
 @pytest.fixture
 def tiny_server(tiny_text_checkpoint):
     """A server of its own for a test that stops or breaks it: the tiny llama (byte-level tokenizer,
