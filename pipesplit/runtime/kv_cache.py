@@ -95,11 +95,16 @@ def allocate_pools(
     dtype: "torch.dtype",
     device: "torch.device | str",
 ) -> dict[int, tuple["torch.Tensor", ...]]:
-    """One tensor per cache component per local layer, indexed by global layer index."""
+    """One tensor per cache component per local layer, indexed by global layer index.
+
+    Written through at start-up (not calloc'd zeros the OS maps on first touch): the pool is
+    resident from the start, as the budget says, and the process does not grow as the prefix cache
+    spreads over fresh slots.
+    """
     import torch
 
     return {
-        layer: tuple(torch.zeros((num_slots, *shape), dtype=dtype, device=device) for shape in per_token_shapes)
+        layer: tuple(torch.empty((num_slots, *shape), dtype=dtype, device=device).fill_(0) for shape in per_token_shapes)
         for layer in layer_indices
     }
 

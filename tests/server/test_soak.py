@@ -25,9 +25,10 @@ def test_short_soak_passes_every_check(long_context_model, tmp_path):
     out = tmp_path / "soak.json"
     code = soak.main(["--seconds", "15", "--clients", "8", "--model", str(long_context_model), "--vocab", "256",
                       "--warmup", "5", "--rss-every", "1", "--out", str(out), "--", "--mem-budget", "0.05",
-                      "--threads", "1"])
+                      "--threads", "1", "--dtype", "float32"])  # bfloat16: see README Limits (oneDNN memory)
     report = json.loads(out.read_text())
-    assert report["checks"] and all(report["checks"].values()), report["checks"]
+    failed = [name for name, ok in report["checks"].items() if not ok]
+    assert report["checks"] and not failed, (failed, report["rss_bytes"], report["client"])
     assert code == 0
     client = report["client"]
     assert client["finished"] > 20 and client["abandoned"] > 0 and client["bad_requests"] > 0, client
