@@ -121,7 +121,10 @@ def test_cli_error_is_one_line_with_exit_2(cli_errors, argv, message):
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
+        try:
+            text = (task / "children").read_text().split()
+        except FileNotFoundError:  # the thread ended between the listing and the read
+            continue
         found.extend(int(c) for c in text)
     return found
 
