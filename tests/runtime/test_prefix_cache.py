@@ -18,6 +18,7 @@ from pipesplit.runtime.kv_cache import SlotAllocator
 from pipesplit.runtime.prefix_cache import PrefixCache
 from pipesplit.runtime.sampler import SamplingParams
 from pipesplit.runtime.scheduler import Request, Scheduler, SchedulerConfig, Status
+from tests.runtime.test_scheduler import drive_fake_pipeline
 
 
 # -- the tree -------------------------------------------------------------------------------------
@@ -111,51 +112,27 @@ def _simulate_with_cache(capacity, micro_batches, prompts, max_tokens, budget, c
     sched = Scheduler(SchedulerConfig(micro_batches, budget, 64, chunk), alloc, cache)
     reqs = [Request(i, list(p), SamplingParams(max_tokens=m), seed=i, max_context=capacity)
             for i, (p, m) in enumerate(zip(prompts, max_tokens))]
-    arrivals = collections.deque(reqs)
-    in_flight: collections.deque = collections.deque()
     stage_slots: dict[int, list[int]] = {}  # what a stage knows, from the messages alone
     written: dict[int, tuple[int, ...]] = {}  # slot -> the token sequence whose last K/V it holds
-    steps = 0
-    while arrivals or sched.num_unfinished:
-        steps += 1
-        assert steps < 20_000, "no progress"
-        if arrivals and rng.random() < 0.5:
-            sched.add(arrivals.popleft())
-        if abort_every and steps % abort_every == 0 and sched.running:
-            victim = rng.choice(sched.running)
-            if victim.in_flight:
-                victim.abort_requested = True
-            else:
-                sched.finish(victim, "abort")
-        batch = sched.schedule() if len(in_flight) < micro_batches else None
-        if batch is not None:
-            message = batch.message
-            for req_id in (*message.preempted, *message.finished):
-                stage_slots.pop(req_id, None)
-            for r, seq in zip(batch.requests, message.seqs):
-                if seq.cached_slots:
-                    stage_slots[r.req_id] = list(seq.cached_slots)
-                slots = stage_slots.setdefault(r.req_id, [])
-                slots.extend(seq.new_slots)
-                assert slots == r.slots and len(slots) == seq.context_len
-                tokens = r.all_ids
-                for pos in range(seq.context_len - len(seq.new_slots), seq.context_len):
-                    written[slots[pos]] = tuple(tokens[: pos + 1])
-                for pos, slot in enumerate(slots):
-                    assert written.get(slot) == tuple(tokens[: pos + 1]), "a context reads another token's K/V"
-            in_flight.append(batch)
-        elif in_flight:
-            done = in_flight.popleft()
-            for r, tok in sched.complete(done, [rng.randrange(3) for _ in range(done.message.num_samples)]):
-                if r.abort_requested:
-                    sched.finish(r, "abort")
-                elif tok is not None:
-                    r.output_ids.append(tok)
-                    if len(r.output_ids) >= r.params.max_tokens or r.num_tokens >= r.max_context:
-                        sched.finish(r, "length")
-        elif not arrivals and sched.num_unfinished:
-            pytest.fail(f"deadlock: {sched.num_unfinished} requests left, nothing in flight, nothing scheduled")
-        _check_slots(sched, alloc, cache, capacity)
+
+    def on_scheduled(batch) -> None:
+        message = batch.message
+        for req_id in (*message.preempted, *message.finished):
+            stage_slots.pop(req_id, None)
+        for r, seq in zip(batch.requests, message.seqs):
+            if seq.cached_slots:
+                stage_slots[r.req_id] = list(seq.cached_slots)
+            slots = stage_slots.setdefault(r.req_id, [])
+            slots.extend(seq.new_slots)
+            assert slots == r.slots and len(slots) == seq.context_len
+            tokens = r.all_ids
+            for pos in range(seq.context_len - len(seq.new_slots), seq.context_len):
+                written[slots[pos]] = tuple(tokens[: pos + 1])
+            for pos, slot in enumerate(slots):
+                assert written.get(slot) == tuple(tokens[: pos + 1]), "a context reads another token's K/V"
+
+    drive_fake_pipeline(sched, reqs, micro_batches, rng, abort_every, lambda n: [rng.randrange(3) for _ in range(n)],
+                        on_scheduled, lambda: _check_slots(sched, alloc, cache, capacity))
     assert all(r.status is Status.FINISHED for r in reqs), "a request was lost"
     assert all(node.refs == 0 for node in cache.nodes())
     assert alloc.num_used == cache.cached_tokens == cache.evictable_tokens, "slots held by neither cache nor request"

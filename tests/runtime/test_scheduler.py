@@ -26,6 +26,43 @@ def test_allocator_hands_out_each_slot_once():
     assert alloc.num_free == 3 and alloc.num_used == 2
 
 
+def drive_fake_pipeline(sched, reqs, micro_batches, rng, abort_every, sample, on_scheduled, after_step) -> None:
+    """Drives the scheduler as the engine does, through a fake pipeline of depth micro_batches:
+    requests arrive at random, one is aborted every abort_every steps, sample(n) gives a step's
+    n tokens; on_scheduled(batch) checks each new batch and after_step() the state after every
+    step. Fails on no progress and on a deadlock."""
+    arrivals = collections.deque(reqs)
+    in_flight: collections.deque = collections.deque()
+    steps = 0
+    while arrivals or sched.num_unfinished:
+        steps += 1
+        assert steps < 20_000, "no progress"
+        if arrivals and rng.random() < 0.5:
+            sched.add(arrivals.popleft())
+        if abort_every and steps % abort_every == 0 and sched.running:
+            victim = rng.choice(sched.running)
+            if victim.in_flight:
+                victim.abort_requested = True
+            else:
+                sched.finish(victim, "abort")
+        batch = sched.schedule() if len(in_flight) < micro_batches else None
+        if batch is not None:
+            on_scheduled(batch)
+            in_flight.append(batch)
+        elif in_flight:
+            done = in_flight.popleft()
+            for r, tok in sched.complete(done, sample(done.message.num_samples)):
+                if r.abort_requested:
+                    sched.finish(r, "abort")
+                elif tok is not None:
+                    r.output_ids.append(tok)
+                    if len(r.output_ids) >= r.params.max_tokens or r.num_tokens >= r.max_context:
+                        sched.finish(r, "length")
+        elif not arrivals and sched.num_unfinished:
+            pytest.fail(f"deadlock: {sched.num_unfinished} requests left, nothing in flight, nothing scheduled")
+        after_step()
+
+
 def _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, seed, window=None):
     """Drives the scheduler like the engine does, with a fake pipeline of depth micro_batches.
 
@@ -47,43 +84,18 @@ def _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, see
     for i, (prompt_len, max_tokens) in enumerate(requests):
         r = Request(i, [1] * prompt_len, SamplingParams(max_tokens=max_tokens), seed=i, max_context=capacity)
         reqs.append(r)
-    pending_arrivals = collections.deque(reqs)
-    in_flight = collections.deque()
-    steps = 0
-    while pending_arrivals or sched.num_unfinished:
-        steps += 1
-        assert steps < 20_000, "no progress"
-        if pending_arrivals and rng.random() < 0.5:
-            sched.add(pending_arrivals.popleft())
-        if abort_every and steps % abort_every == 0 and sched.running:
-            victim = rng.choice(sched.running)
-            if victim.in_flight:
-                victim.abort_requested = True
-            else:
-                sched.finish(victim, "abort")
-        batch = sched.schedule() if len(in_flight) < micro_batches else None
-        if batch is not None:
-            in_flight.append(batch)
-            for req_id in batch.message.preempted + batch.message.finished:
-                stage.window_slots.pop(req_id, None)
-            for r, seq in zip(batch.requests, batch.message.seqs):
-                assert r.slots[-len(seq.new_slots):] == list(seq.new_slots)
-                assert len(r.slots) == seq.context_len == r.num_computed
-                if window:
-                    assert list(seq.new_window_slots) == r.window_slots[-len(seq.new_slots):]
-                    assert Stage._slide_window(stage, seq) == r.window_slots
-        elif in_flight:
-            done = in_flight.popleft()
-            tokens = [7] * done.message.num_samples
-            for r, tok in sched.complete(done, tokens):
-                if r.abort_requested:
-                    sched.finish(r, "abort")
-                elif tok is not None:
-                    r.output_ids.append(tok)
-                    if len(r.output_ids) >= r.params.max_tokens or r.num_tokens >= r.max_context:
-                        sched.finish(r, "length")
-        elif not pending_arrivals and sched.num_unfinished:
-            pytest.fail(f"deadlock: {sched.num_unfinished} requests left, nothing in flight, nothing scheduled")
+
+    def on_scheduled(batch) -> None:
+        for req_id in batch.message.preempted + batch.message.finished:
+            stage.window_slots.pop(req_id, None)
+        for r, seq in zip(batch.requests, batch.message.seqs):
+            assert r.slots[-len(seq.new_slots):] == list(seq.new_slots)
+            assert len(r.slots) == seq.context_len == r.num_computed
+            if window:
+                assert list(seq.new_window_slots) == r.window_slots[-len(seq.new_slots):]
+                assert Stage._slide_window(stage, seq) == r.window_slots
+
+    def after_step() -> None:
         live = [r for r in reqs if r.status is Status.RUNNING]
         used = sum(len(r.slots) for r in live)
         assert used == alloc.num_used <= capacity
@@ -94,6 +106,8 @@ def _simulate(capacity, micro_batches, requests, budget, chunk, abort_every, see
             for r in live:
                 if not r.in_flight:  # between steps: exactly what the next token sees
                     assert len(r.window_slots) == r.num_computed - r.window_first == min(r.num_computed, window - 1)
+
+    drive_fake_pipeline(sched, reqs, micro_batches, rng, abort_every, lambda n: [7] * n, on_scheduled, after_step)
     assert alloc.num_used == 0 and alloc.num_free == capacity
     assert windows is None or windows.slots.num_used == 0
     for r in reqs:
