@@ -30,10 +30,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# As `pipesplit generate/serve` do (cli.py), before torch loads OpenMP: idle threads sleep instead
-# of spinning. On the shared 2-core machine, under load, spinning made PP1 (2 threads, in this
-# process) 16x slower: 2.0 against 32.1 tok/s on the same 6 requests. Set it to ACTIVE to compare.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY is left as the user set it (pipesplit sets PASSIVE only for stage processes that
+# oversubscribe the cores). On an idle machine OpenMP's default (spin briefly, then sleep) is
+# fastest; PASSIVE made PP1 bfloat16 here 179 against 253 tok/s. Measure on an idle machine.
 
 import torch  # noqa: E402
 
@@ -200,7 +199,7 @@ def main() -> int:
             print(f"bench: {dtype} {engine}: " + (f"{run['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in run
                                                   else run["error"]), file=sys.stderr, flush=True)
     report = {
-        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "workload": {"requests": len(prompts), "seed": args.seed, "prompt_tokens": sum(map(len, prompts)),
                      "output_tokens": sum(outputs), "prompt_range": list(args.prompt_tokens),
                      "output_range": list(args.output_tokens), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"},

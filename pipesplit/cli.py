@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -159,9 +158,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.command in ("generate", "serve", "profile"):
-        # Set before torch loads OpenMP: stage processes share cores, idle threads must sleep.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if args.command == "simulate":
             from pipesplit.planner.simreport import simulate_command

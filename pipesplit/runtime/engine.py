@@ -132,7 +132,7 @@ class _Tracked:
 class SpawnedStages:
     """Stage processes 1..P-1 on this machine, watched: if one dies, `on_death` is called."""
 
-    def __init__(self, world_size: int, device: str) -> None:
+    def __init__(self, world_size: int, device: str, threads_per_stage: int) -> None:
         import torch.distributed as dist
 
         # The rendezvous store listens on a port the OS picks (port 0): nothing can take the port
@@ -142,8 +142,12 @@ class SpawnedStages:
         self.closing = False
         env = dict(os.environ)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port), WORLD_SIZE=str(world_size), PIPESPLIT_SPAWNED="1")
-        # Stages share the machine's cores: idle OpenMP threads must sleep, not spin.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if world_size * threads_per_stage > (os.cpu_count() or 1):
+            # More threads than cores: an idle OpenMP thread must sleep at once, not spin on a core
+            # another stage needs. Otherwise OpenMP's default (spin briefly, then sleep) is kept:
+            # sleeping at once made every small GEMM wait for its threads to wake (PP1 bfloat16
+            # here: 179 tok/s with PASSIVE, 253 without).
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.procs = {
             rank: subprocess.Popen(
                 [sys.executable, "-m", "pipesplit.runtime.stage", device],
@@ -715,7 +719,7 @@ class LLM:
         heartbeat_port = self._remote.port if self._remote is not None else 0
         config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp,
                            window_pool=window_pool, progress=progress, heartbeat_port=heartbeat_port)
-        self._spawned = SpawnedStages(pp, device) if not torchrun and pp > 1 else None
+        self._spawned = SpawnedStages(pp, device, cpu_threads) if not torchrun and pp > 1 else None
         if self._spawned is not None:
             store = self._spawned.store
         else:

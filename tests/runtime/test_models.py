@@ -229,8 +229,13 @@ def naive_attention(q, k_pool, v_pool, batch, scale, window=None):
     ([40, 1, 2, 1], [40, 33, 90, 5], 4),
     ([5, 3], [5, 9], 2),  # prefills only, one a chunk after earlier context
 ])
-def test_paged_attention_matches_naive(query_lens, context_lens, groups, window):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_paged_attention_matches_naive(query_lens, context_lens, groups, window, native, monkeypatch):
+    from pipesplit.runtime import kernels
     from pipesplit.runtime.models.layers import paged_attention
+
+    if not native:
+        monkeypatch.setattr(kernels, "supports", lambda *tensors: False)
 
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, num_slots = 6, 2, 8, 400
@@ -250,7 +255,9 @@ def test_paged_attention_matches_naive(query_lens, context_lens, groups, window)
     q = torch.randn(sum(query_lens), heads, dim, generator=gen)
     got = paged_attention(q, k_pool, v_pool, batch, dim**-0.5, window)
     torch.testing.assert_close(got, naive_attention(q, k_pool, v_pool, batch, dim**-0.5, window))
-    assert len(batch.memo(("attention_groups", q.device), list)) == groups
+    if native:  # decodes go to the kernel; each prefill is its own group
+        groups = sum(q_len > 1 for q_len in query_lens)
+    assert len(batch.memo(("attention_groups", q.device, not native), list)) == groups
     # the second layer of the same forward reuses the memoised plan and buffers
     torch.testing.assert_close(paged_attention(q, k_pool, v_pool, batch, dim**-0.5, window), got)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipesplit.errors import UserError
+from pipesplit.runtime import kernels
 
 if TYPE_CHECKING:
     from pipesplit.planner.spec import ModelSpec
@@ -144,12 +145,12 @@ class _AttentionGroup:
 _DECODE_PADDING_WASTE = 1.1
 
 
-def _attention_groups(batch: AttentionBatch, device: torch.device) -> list[_AttentionGroup]:
-    """Each prefill alone (no padded queries); decodes (query_len 1) sorted by context length
-    into groups whose key padding stays under _DECODE_PADDING_WASTE."""
+def _attention_groups(batch: AttentionBatch, device: torch.device, with_decodes: bool) -> list[_AttentionGroup]:
+    """Each prefill alone (no padded queries); decodes (query_len 1), unless left out, sorted by
+    context length into groups whose key padding stays under _DECODE_PADDING_WASTE."""
     seqs = range(len(batch.query_lens))
     plans = [[i] for i in seqs if batch.query_lens[i] > 1]
-    decodes = sorted((i for i in seqs if batch.query_lens[i] == 1), key=lambda i: batch.context_lens[i])
+    decodes = sorted((i for i in seqs if with_decodes and batch.query_lens[i] == 1), key=lambda i: batch.context_lens[i])
     group: list[int] = []
     keys = 0
     for i in decodes:
@@ -166,6 +167,33 @@ def _attention_groups(batch: AttentionBatch, device: torch.device) -> list[_Atte
         starts.append(starts[-1] + q)
     whole = len(plans) == 1 and plans[0] == list(seqs)
     return [_build_group(batch, members, starts, whole, device) for members in plans]
+
+
+@dataclass
+class _DecodeRows:
+    """The decodes of a batch for the native kernel: their token rows (None: every token is
+    one), and their contexts' slots concatenated, sequence i's at slots[offsets[i]:offsets[i+1]]."""
+
+    rows: torch.Tensor | None
+    slots: torch.Tensor
+    offsets: torch.Tensor
+
+
+def _decode_rows(batch: AttentionBatch) -> _DecodeRows | None:
+    members = [i for i, q in enumerate(batch.query_lens) if q == 1]
+    if not members:
+        return None
+    offsets = [0]
+    for i in members:
+        offsets.append(offsets[-1] + batch.context_lens[i])
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    slots = torch.cat([batch.context_slots[i].to(dtype=torch.long) for i in members])
+    if len(members) == len(batch.query_lens):
+        return _DecodeRows(None, slots, as_long(offsets))
+    starts = [0]
+    for q in batch.query_lens:
+        starts.append(starts[-1] + q)
+    return _DecodeRows(as_long([starts[i] for i in members]), slots, as_long(offsets))
 
 
 def _build_group(
@@ -402,9 +430,24 @@ def paged_attention(
     tokens, heads, dim = q.shape
     kv_heads, v_dim = k_pool.shape[1], v_pool.shape[2]
     n_rep = heads // kv_heads
-    groups = batch.memo(("attention_groups", q.device), lambda: _attention_groups(batch, q.device))
-    in_order = len(groups) == 1 and groups[0].token_rows is None  # the one group's rows are the tokens, in order
-    out = None if in_order else q.new_empty(tokens, heads * v_dim)
+    # Decodes on the CPU go to the native kernel, which reads their K/V in place; the rest (and
+    # everything where it cannot run) is gathered and attended with torch.
+    native = kernels.supports(q, k_pool, v_pool)
+    decodes = batch.memo("decode_rows", lambda: _decode_rows(batch)) if native else None
+    groups = batch.memo(("attention_groups", q.device, not native),
+                        lambda: _attention_groups(batch, q.device, with_decodes=not native))
+    out = None
+    if decodes is not None:
+        q_decode = q if decodes.rows is None else q.index_select(0, decodes.rows)
+        o = kernels.decode_attention(q_decode, k_pool, v_pool, decodes.slots, decodes.offsets, scale, window,
+                                     softcap, sinks).view(-1, heads * v_dim)
+        if decodes.rows is None:
+            return o
+        out = q.new_empty(tokens, heads * v_dim)
+        out[decodes.rows] = o
+    in_order = out is None and len(groups) == 1 and groups[0].token_rows is None  # the group's rows are the tokens
+    if out is None and not in_order:
+        out = q.new_empty(tokens, heads * v_dim)
     for g in groups:
         b, q_len = g.batch, g.queries
         q_pad = q if g.query_rows is None else q.index_select(0, g.query_rows)
@@ -421,7 +464,7 @@ def paged_attention(
         o = o.view(b, kv_heads, n_rep, q_len, v_dim).permute(0, 3, 1, 2, 4).reshape(b * q_len, heads * v_dim)
         if g.output_rows is not None:
             o = o.index_select(0, g.output_rows)
-        if out is None:
+        if in_order:
             return o
         out[g.token_rows] = o
     return out

@@ -1,0 +1,201 @@
+/* Decode attention over a paged KV pool, read in place.
+ *
+ * One query token per sequence attends to its whole context, whose K/V rows sit at arbitrary
+ * slots of the pools: each row is read once, straight from the pool, with no gathered copy and
+ * no padding to the longest context of the batch. Scores, sums and the output accumulate in
+ * float32 whatever the storage dtype (as the CPU flash kernel does). Work is split over
+ * (sequence, KV head) pairs with OpenMP; the library links against the OpenMP runtime torch has
+ * already loaded.
+ *
+ * Layouts (strides in elements): q [S, heads, dim] contiguous; out [S, heads, v_dim] contiguous;
+ * the K row of (slot, kv head) starts at k + slot * k_slot + head * k_head (dim contiguous
+ * elements), V likewise with v_slot, v_head (v_dim elements). Query head h reads KV head
+ * h / (heads / kv_heads). slots: every sequence's context slots concatenated; sequence s owns
+ * slots[offsets[s] .. offsets[s + 1]). window > 0 keeps each query's last `window` keys;
+ * softcap > 0 caps scores as softcap * tanh(score / softcap); sinks (per query head, or NULL)
+ * add one logit to each softmax's denominator that attends to nothing.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+/* Floats a task keeps on its stack (query, accumulator): 256 KiB. Larger heads are refused and
+ * the caller attends with torch. */
+#define MAX_STACK_FLOATS 65536
+
+INLINE float bf16_to_float(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+INLINE uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                        /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* A row of n elements as float32; bf16 selects the storage type (a constant after inlining). */
+INLINE void load_row(int bf16, const void *src, float *restrict dst, int n) {
+    if (bf16) {
+        const uint16_t *s = src;
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_float(s[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof *dst);
+    }
+}
+
+INLINE void store_row(int bf16, const float *restrict src, void *dst, int n) {
+    if (bf16) {
+        uint16_t *d = dst;
+        for (int i = 0; i < n; i++) d[i] = float_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof *src);
+    }
+}
+
+/* exp(x) for x <= 0 (a score minus its row's maximum), relative error about 2e-7: a Cephes-style
+ * polynomial after range reduction, written so that the compiler vectorises it (libm's expf is
+ * a scalar call per score). */
+INLINE float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_roundevenf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* One (sequence, KV head): its n_rep query heads over `context` keys. The query, the output
+ * accumulator and the row in flight live on the stack: for the common shapes their sizes are
+ * constants and the accumulator stays in vector registers. scores: n_rep * context floats. */
+INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *out, const int64_t *slots,
+                   int64_t context, int64_t seq, int head, int heads, int n_rep, int dim, int v_dim,
+                   int64_t k_slot, int64_t k_head, int64_t v_slot, int64_t v_head, float scale, float softcap,
+                   const float *sinks, float *restrict scores) {
+    const size_t elem = bf16 ? 2 : 4;
+    const char *kb = k, *vb = v;
+    const int first = head * n_rep; /* its query heads: first .. first + n_rep */
+    float qf[n_rep * dim], acc[n_rep * v_dim], row[dim > v_dim ? dim : v_dim], inverse[n_rep];
+    for (int r = 0; r < n_rep; r++) {
+        load_row(bf16, (const char *)q + ((size_t)seq * heads + first + r) * dim * elem, qf + r * dim, dim);
+        for (int i = 0; i < dim; i++) qf[r * dim + i] *= scale;
+    }
+    for (int64_t j = 0; j < context; j++) {
+        load_row(bf16, kb + (size_t)(slots[j] * k_slot + head * k_head) * elem, row, dim);
+        for (int r = 0; r < n_rep; r++) {
+            float dot = 0.0f;
+            for (int i = 0; i < dim; i++) dot += qf[r * dim + i] * row[i];
+            scores[r * context + j] = dot;
+        }
+    }
+    for (int r = 0; r < n_rep; r++) {
+        float *restrict s = scores + r * context;
+        if (softcap > 0.0f)
+            for (int64_t j = 0; j < context; j++) s[j] = softcap * tanhf(s[j] / softcap);
+        float top = sinks ? sinks[first + r] : s[0];
+        for (int64_t j = 0; j < context; j++) top = s[j] > top ? s[j] : top;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < context; j++) {
+            s[j] = exp_nonpositive(s[j] - top);
+            sum += s[j];
+        }
+        if (sinks) sum += exp_nonpositive(sinks[first + r] - top);
+        inverse[r] = 1.0f / sum;
+    }
+    memset(acc, 0, sizeof acc);
+    for (int64_t j = 0; j < context; j++) {
+        load_row(bf16, vb + (size_t)(slots[j] * v_slot + head * v_head) * elem, row, v_dim);
+        for (int r = 0; r < n_rep; r++) {
+            const float p = scores[r * context + j];
+            for (int i = 0; i < v_dim; i++) acc[r * v_dim + i] += p * row[i];
+        }
+    }
+    for (int r = 0; r < n_rep; r++) {
+        for (int i = 0; i < v_dim; i++) acc[r * v_dim + i] *= inverse[r];
+        store_row(bf16, acc + r * v_dim, (char *)out + ((size_t)seq * heads + first + r) * v_dim * elem, v_dim);
+    }
+}
+
+/* attend() with the common head shapes as constants, so their loops unroll without remainders. */
+INLINE void attend_shaped(int bf16, const void *q, const void *k, const void *v, void *out, const int64_t *slots,
+                          int64_t context, int64_t seq, int head, int heads, int n_rep, int dim, int v_dim,
+                          int64_t k_slot, int64_t k_head, int64_t v_slot, int64_t v_head, float scale,
+                          float softcap, const float *sinks, float *scores) {
+#define ATTEND(N_REP, DIM, V_DIM)                                                                            \
+    attend(bf16, q, k, v, out, slots, context, seq, head, heads, N_REP, DIM, V_DIM, k_slot, k_head, v_slot, v_head, \
+           scale, softcap, sinks, scores)
+    if (dim == 64 && v_dim == 64 && n_rep == 3) ATTEND(3, 64, 64);
+    else if (dim == 64 && v_dim == 64) ATTEND(n_rep, 64, 64);
+    else if (dim == 128 && v_dim == 128) ATTEND(n_rep, 128, 128);
+    else ATTEND(n_rep, dim, v_dim);
+#undef ATTEND
+}
+
+static int run(int bf16, const void *q, const void *k, const void *v, void *out, const int64_t *slots,
+               const int64_t *offsets, int64_t num_seqs, int heads, int kv_heads, int dim, int v_dim, int64_t k_slot,
+               int64_t k_head, int64_t v_slot, int64_t v_head, float scale, float softcap, const float *sinks,
+               int64_t window, int threads) {
+    if (kv_heads <= 0 || heads % kv_heads != 0 || (int64_t)(heads / kv_heads) * (dim + v_dim) > MAX_STACK_FLOATS) return 1;
+    const int n_rep = heads / kv_heads;
+    int64_t longest = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        int64_t c = offsets[s + 1] - offsets[s];
+        if (c <= 0) return 2;
+        if (window > 0 && c > window) c = window;
+        longest = c > longest ? c : longest;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc((size_t)n_rep * longest * sizeof(float));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 3;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < num_seqs * kv_heads; t++) {
+            if (!scores) continue;
+            const int64_t s = t / kv_heads;
+            const int head = (int)(t % kv_heads);
+            int64_t first = offsets[s], context = offsets[s + 1] - offsets[s];
+            if (window > 0 && context > window) {
+                first += context - window;
+                context = window;
+            }
+            if (bf16)
+                attend_shaped(1, q, k, v, out, slots + first, context, s, head, heads, n_rep, dim, v_dim, k_slot,
+                              k_head, v_slot, v_head, scale, softcap, sinks, scores);
+            else
+                attend_shaped(0, q, k, v, out, slots + first, context, s, head, heads, n_rep, dim, v_dim, k_slot,
+                              k_head, v_slot, v_head, scale, softcap, sinks, scores);
+        }
+        free(scores);
+    }
+    return failed;
+}
+
+#define ENTRY(NAME, BF16)                                                                                  \
+    int NAME(const void *q, const void *k, const void *v, void *out, const int64_t *slots, const int64_t *offsets, \
+             int64_t num_seqs, int heads, int kv_heads, int dim, int v_dim, int64_t k_slot, int64_t k_head,     \
+             int64_t v_slot, int64_t v_head, float scale, float softcap, const float *sinks, int64_t window,    \
+             int threads) {                                                                                 \
+        return run(BF16, q, k, v, out, slots, offsets, num_seqs, heads, kv_heads, dim, v_dim, k_slot, k_head,   \
+                   v_slot, v_head, scale, softcap, sinks, window, threads);                                 \
+    }
+
+ENTRY(decode_attention_bf16, 1)
+ENTRY(decode_attention_f32, 0)

@@ -1,0 +1,123 @@
+"""The native decode-attention kernel against attention written out per sequence and head."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipesplit.runtime import kernels
+
+
+def reference(q, k_pool, v_pool, contexts, scale, window=None, softcap=None, sinks=None):
+    """One query per sequence over its context's slots, in float64."""
+    heads, kv_heads = q.shape[1], k_pool.shape[1]
+    out = []
+    for s, slots in enumerate(contexts):
+        if window is not None:
+            slots = slots[-window:]
+        per_head = []
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            keys, values = k_pool[slots, kv].double(), v_pool[slots, kv].double()
+            scores = keys @ q[s, h].double() * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            if sinks is not None:
+                scores = torch.cat((scores, sinks[h : h + 1].double()))
+            weights = scores.softmax(0)[: len(slots)]
+            per_head.append(weights @ values)
+        out.append(torch.stack(per_head))
+    return torch.stack(out)
+
+
+def pools(num_slots, kv_heads, dim, v_dim, dtype, gen):
+    k_pool = torch.randn(num_slots, kv_heads, dim, generator=gen).to(dtype)
+    v_pool = torch.randn(num_slots, kv_heads, v_dim, generator=gen).to(dtype)
+    k_pool[::5] = float("nan")  # slots no context lists must never be read
+    v_pool[::5] = float("nan")
+    return k_pool, v_pool
+
+
+def contexts_for(lengths, num_slots, gen):
+    usable = [s for s in torch.randperm(num_slots, generator=gen).tolist() if s % 5]
+    contexts = []
+    for c in lengths:
+        contexts.append(usable[:c])
+        usable = usable[c:]
+    return contexts
+
+
+def run_kernel(q, k_pool, v_pool, contexts, scale, **options):
+    slots = torch.tensor([s for c in contexts for s in c], dtype=torch.long)
+    offsets = torch.tensor([0] + [len(c) for c in contexts], dtype=torch.long).cumsum(0)
+    return kernels.decode_attention(q, k_pool, v_pool, slots, offsets, scale, **options)
+
+
+def test_the_kernel_builds_where_a_compiler_exists():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert kernels.status().available, kernels.status().detail
+
+
+needs_kernel = pytest.mark.skipif(not kernels.status().available, reason=kernels.status().detail)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 2, 8), (4, 4, 128), (8, 1, 24)])
+@pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (7, None, False), (None, 30.0, False),
+                                                   (None, None, True), (5, 20.0, True)])
+def test_decode_attention_matches_reference(dtype, tolerance, heads, kv_heads, dim, window, softcap, sinks):
+    gen = torch.Generator().manual_seed(heads * dim)
+    k_pool, v_pool = pools(600, kv_heads, dim, dim, dtype, gen)
+    contexts = contexts_for([1, 3, 40, 9, 130, 2, 64], 600, gen)
+    q = torch.randn(len(contexts), heads, dim, generator=gen).to(dtype)
+    sink_values = torch.randn(heads, generator=gen) * 3 if sinks else None
+    got = run_kernel(q, k_pool, v_pool, contexts, dim**-0.5, window=window, softcap=softcap, sinks=sink_values)
+    want = reference(q, k_pool, v_pool, contexts, dim**-0.5, window, softcap, sink_values)
+    assert got.dtype == dtype and got.shape == (len(contexts), heads, dim)
+    torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_attention_over_a_latent_pool(dtype, tolerance):
+    """MLA's absorbed form: one latent per slot is the key (latent + rope part), its first
+    `rank` values the value, read through a strided view of the same pool."""
+    gen = torch.Generator().manual_seed(1)
+    heads, rank, rope = 16, 32, 8
+    pool = torch.randn(300, rank + rope, generator=gen).to(dtype)
+    keys, values = pool.view(300, 1, rank + rope), pool[:, None, :rank]
+    contexts = contexts_for([5, 77, 1], 300, gen)
+    q = torch.randn(3, heads, rank + rope, generator=gen).to(dtype)
+    got = run_kernel(q, keys, values, contexts, 0.1)
+    torch.testing.assert_close(got.double(), reference(q, keys, values, contexts, 0.1), atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+def test_a_non_contiguous_query_and_many_threads_give_the_same_answer():
+    gen = torch.Generator().manual_seed(2)
+    k_pool, v_pool = pools(400, 2, 16, 16, torch.float32, gen)
+    contexts = contexts_for([20, 30, 40, 3], 400, gen)
+    qkv = torch.randn(4, 6 * 16 + 2 * 16, generator=gen)
+    q = qkv[:, : 6 * 16].view(4, 6, 16)  # a view into a fused projection's output, as in GQAttention
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_kernel(q, k_pool, v_pool, contexts, 0.25)
+        torch.set_num_threads(4)
+        four = run_kernel(q, k_pool, v_pool, contexts, 0.25)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, four)
+    torch.testing.assert_close(one.double(), reference(q, k_pool, v_pool, contexts, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_switching_the_kernel_off_falls_back_to_torch():
+    env = dict(os.environ, PIPESPLIT_NATIVE_KERNELS="0")
+    code = "from pipesplit.runtime import kernels; print(kernels.status().detail)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "torch attention (PIPESPLIT_NATIVE_KERNELS=0)"
