@@ -120,4 +120,4 @@ def test_switching_the_kernel_off_falls_back_to_torch():
     env = dict(os.environ, PIPESPLIT_NATIVE_KERNELS="0")
     code = "from pipesplit.runtime import kernels; print(kernels.status().detail)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "torch attention (PIPESPLIT_NATIVE_KERNELS=0)"
+    assert done.stdout.strip() == "torch gather + SDPA (PIPESPLIT_NATIVE_KERNELS=0)"

@@ -89,21 +89,21 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, NativeStatus]:
     if os.environ.get("PIPESPLIT_NATIVE_KERNELS", "1") == "0":
-        return None, NativeStatus(False, "torch attention (PIPESPLIT_NATIVE_KERNELS=0)")
+        return None, NativeStatus(False, "torch gather + SDPA (PIPESPLIT_NATIVE_KERNELS=0)")
     compiler = _compiler()
     if compiler is None:
-        return None, NativeStatus(False, "torch attention (no C compiler found: install gcc for the native kernel)")
+        return None, NativeStatus(False, "torch gather + SDPA (no C compiler found: install gcc for the native kernel)")
     try:
         path = _build(compiler)
         # torch has loaded its libgomp already: the library's libgomp.so.1 resolves to that one,
         # so both share one OpenMP thread pool.
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return None, NativeStatus(False, f"torch attention (native kernel unavailable: {exc})")
+        return None, NativeStatus(False, f"torch gather + SDPA (native kernel unavailable: {exc})")
     for name in _ENTRIES.values():
         entry = getattr(library, name)
         entry.argtypes, entry.restype = _ARGTYPES, ctypes.c_int
-    return library, NativeStatus(True, f"native decode attention ({Path(compiler).name}, -march=native)")
+    return library, NativeStatus(True, f"native kernel ({Path(compiler).name} -march=native)")
 
 
 def status() -> NativeStatus:
