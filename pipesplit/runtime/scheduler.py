@@ -71,6 +71,11 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
+# Uncached prompt tokens a waiting request must share with a prefill under way to wait for it
+# (SGLang's in-batch prefix-caching threshold is also 32).
+PENDING_PREFIX_TOKENS = 32
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     micro_batches: int = 1
@@ -175,6 +180,12 @@ class Scheduler:
             if len(chosen) >= limit or budget <= 0 or len(self.running) >= cfg.max_running_requests:
                 break
             cached = self._lock_cached_prefix(request)
+            if self._shares_pending_prefix(request, cached, chosen):
+                # Another request is computing the same prefix right now: admitted later, this one
+                # reads it from the cache instead of computing it a second time.
+                self._release(request)
+                request.num_computed = 0
+                continue
             n = min(request.num_tokens - cached, cfg.chunked_prefill_size, budget)
             if n > self._num_free + self.evictable_tokens:
                 self._release(request)
@@ -232,6 +243,22 @@ class Scheduler:
         self.waiting.sort(key=lambda r: r.req_id)
 
     # -- the prefix cache ------------------------------------------------------------------------
+    def _shares_pending_prefix(self, request: Request, cached: int, chosen: list[tuple[Request, list[int]]]) -> bool:
+        """Whether the PENDING_PREFIX_TOKENS prompt tokens after the request's cached prefix are
+        also the prompt of a request whose prefill is under way (chosen for this batch, in
+        flight, or not yet through its prompt): they will be cached when its step completes. As
+        SGLang's in-batch prefix check; without it, 64 requests sharing a system prompt computed
+        it once per request admitted in the first steps."""
+        if self.cache is None:
+            return False
+        probe = cached + PENDING_PREFIX_TOKENS
+        if len(request.prompt_ids) <= probe:
+            return False
+        head = request.prompt_ids[:probe]
+        others = [r for r, _ in chosen]
+        others += [r for r in self.running if r.in_flight or r.num_computed < len(r.prompt_ids)]
+        return any(len(o.prompt_ids) >= probe and o.prompt_ids[:probe] == head for o in others if o is not request)
+
     def _lock_cached_prefix(self, request: Request) -> int:
         """Points a request about to be admitted at its longest cached prefix; returns its length.
 

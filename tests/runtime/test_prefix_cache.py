@@ -181,6 +181,28 @@ def test_a_shared_prompt_is_computed_once_then_read_from_the_cache():
     assert sched.cache_stats.queried_tokens == sum(len(p) for p in prompts)
 
 
+def test_requests_arriving_together_compute_a_shared_prefix_once():
+    """Six requests share a 40-token prompt and arrive at once, with a seventh of its own: the
+    first batch computes the shared prefix for one of them only (and the unrelated request); the
+    others wait one step and then read all of it from the cache."""
+    system = list(range(3, 3 + 40))
+    prompts = [system + [100 + i] for i in range(6)] + [list(range(200, 230))]
+    sched = Scheduler(SchedulerConfig(max_batch_tokens=4096, chunked_prefill_size=512),
+                      SlotAllocator(2000), PrefixCache())
+    reqs = [Request(i, p, SamplingParams(max_tokens=2), seed=0, max_context=2000) for i, p in enumerate(prompts)]
+    for r in reqs:
+        sched.add(r)
+    first = sched.schedule()
+    assert [r.req_id for r in first.requests] == [0, 6]
+    second_too_early = sched.schedule()  # the prefix is still in flight: nobody else starts it
+    assert second_too_early is None
+    sched.complete(first, [1] * first.message.num_samples)
+    second = sched.schedule()
+    assert sorted(r.req_id for r in second.requests) == [0, 1, 2, 3, 4, 5, 6]
+    assert all(reqs[i].num_cached_tokens == len(system) for i in range(1, 6))
+    assert sched.cache_stats.hit_tokens == 5 * len(system)
+
+
 def test_a_fully_cached_prompt_still_computes_its_last_token():
     prompt = [5, 6, 7, 8]
     reqs, _ = _simulate_with_cache(200, 1, [prompt, prompt], [3, 3], 4096, 512, 0, 0)
