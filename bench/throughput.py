@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,8 +125,6 @@ def run_in_child(engine: str, dtype: str, argv: list[str]) -> dict:
     """run_engine in a fresh interpreter: one engine's heap, OpenMP pool and oneDNN caches never
     slow the next one down (run in this process after the float32 runs, pipesplit PP1 bfloat16
     measured 215.6 tok/s here; alone, the same code 253-306)."""
-    import subprocess
-
     done = subprocess.run([sys.executable, __file__, *argv, "--child", f"{engine}:{dtype}"], capture_output=True,
                           text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -205,7 +204,6 @@ def main() -> int:
         engine, dtype = args.child.split(":")
         print(json.dumps(run_engine(engine, prompts, outputs, dtype, args, split)))
         return 0
-    child_argv = [a for a in sys.argv[1:]]
     began = time.perf_counter()
     results: dict[str, dict] = {}
     for dtype in dtypes:
@@ -213,7 +211,7 @@ def main() -> int:
         for engine in engines:
             print(f"bench: {dtype} {engine} ...", file=sys.stderr, flush=True)
             try:
-                runs[engine] = run_in_child(engine, dtype, child_argv)
+                runs[engine] = run_in_child(engine, dtype, sys.argv[1:])
             except Exception as exc:  # noqa: BLE001 -- a peer that fails is reported, the bench goes on
                 runs[engine] = {"error": f"{type(exc).__name__}: {exc}"}
             run = runs[engine]

@@ -697,7 +697,6 @@ class LLM:
                 raise UserError(f"torchrun started {world} processes but --pp is {pp}; make them equal")
         self.source = resolve_model(model)
         self.spec = self.source.spec
-        self.device = device
         self.dtype_choice = choose_dtype(dtype, device, self.spec.torch_dtype)
         dtype = self.dtype = self.dtype_choice.dtype
         self.tokenizer = load_tokenizer_or_none(self.source)
@@ -785,7 +784,7 @@ class LLM:
             f"{','.join(map(str, self.plan.partition))}: max_total_num_tokens {self.max_total_num_tokens} "
             f"(binding stage {binding.stage}), dtype {self.dtype} ({self.dtype_choice.reason}), "
             f"prefix cache {'on' if self.engine.prefix_caching else 'off'}"
-            + (f", decode attention: {cpu_kernels.status().detail}" if self.device == "cpu" else "")
+            + (f", decode attention: {cpu_kernels.status().detail}" if self.engine.stage.device.type == "cpu" else "")
         ]
         if self.engine.window_slots:
             lines.append(

@@ -174,13 +174,16 @@ class Scheduler:
             chosen.append((request, self._allocate(request, n)))
             budget -= n
 
+        # Requests whose prompt is still being computed (the chosen ones included: they count
+        # their new tokens only when the batch is built); each admitted request joins them.
+        prefilling = [r for r in self.running if r.in_flight or r.num_computed < len(r.prompt_ids)]
         for request in list(self.waiting):
             if request.req_id in self._preempted:
                 continue  # just gave its slots up; readmitting it now would only thrash
             if len(chosen) >= limit or budget <= 0 or len(self.running) >= cfg.max_running_requests:
                 break
             cached = self._lock_cached_prefix(request)
-            if self._shares_pending_prefix(request, cached, chosen):
+            if self._shares_pending_prefix(request, cached, prefilling):
                 # Another request is computing the same prefix right now: admitted later, this one
                 # reads it from the cache instead of computing it a second time.
                 self._release(request)
@@ -198,6 +201,7 @@ class Scheduler:
                 self.cache_stats.hit_tokens += cached
             self.waiting.remove(request)
             self.running.append(request)
+            prefilling.append(request)
             request.status = Status.RUNNING
             chosen.append((request, self._allocate(request, n)))
             budget -= n
@@ -243,21 +247,19 @@ class Scheduler:
         self.waiting.sort(key=lambda r: r.req_id)
 
     # -- the prefix cache ------------------------------------------------------------------------
-    def _shares_pending_prefix(self, request: Request, cached: int, chosen: list[tuple[Request, list[int]]]) -> bool:
+    def _shares_pending_prefix(self, request: Request, cached: int, prefilling: list[Request]) -> bool:
         """Whether the PENDING_PREFIX_TOKENS prompt tokens after the request's cached prefix are
-        also the prompt of a request whose prefill is under way (chosen for this batch, in
-        flight, or not yet through its prompt): they will be cached when its step completes. As
-        SGLang's in-batch prefix check; without it, 64 requests sharing a system prompt computed
-        it once per request admitted in the first steps."""
+        also the prompt of a request whose prefill is under way (in flight, chosen for this batch,
+        or not yet through its prompt): they will be cached when its step completes. As SGLang's
+        in-batch prefix check; without it, 64 requests sharing a system prompt computed it once per
+        request admitted in the first steps."""
         if self.cache is None:
             return False
         probe = cached + PENDING_PREFIX_TOKENS
         if len(request.prompt_ids) <= probe:
             return False
         head = request.prompt_ids[:probe]
-        others = [r for r, _ in chosen]
-        others += [r for r in self.running if r.in_flight or r.num_computed < len(r.prompt_ids)]
-        return any(len(o.prompt_ids) >= probe and o.prompt_ids[:probe] == head for o in others if o is not request)
+        return any(len(o.prompt_ids) >= probe and o.prompt_ids[:probe] == head for o in prefilling)
 
     def _lock_cached_prefix(self, request: Request) -> int:
         """Points a request about to be admitted at its longest cached prefix; returns its length.

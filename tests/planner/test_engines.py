@@ -8,7 +8,6 @@ against the engines' rules written out by hand and against exhaustive search.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import random
@@ -25,6 +24,7 @@ from pipesplit.planner.hardware import Device, GiB, MiB, resolve_devices
 from pipesplit.planner.partition import SplitProblem, evaluate, max_kv, vllm
 from pipesplit.planner.plan import make_plan
 from pipesplit.planner.spec import load_spec, spec_from_config
+from tests.planner.test_partition import compositions
 
 CASES = {c["id"]: c for c in json.loads((Path(__file__).parent / "data" / "field_cases.json").read_text())["cases"]}
 
@@ -252,12 +252,6 @@ def brute_capacity(problem: SplitProblem, partition) -> int:
         cells = [max(cells)] * len(cells)
     page = problem.page_size
     return min(max(0, int(f // c)) // page * page for f, c in zip(free, cells))
-
-
-def compositions(total: int, parts: int):
-    for cuts in itertools.combinations(range(1, total), parts - 1):
-        bounds = (0, *cuts, total)
-        yield tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
 
 @pytest.mark.parametrize("seed", range(300))

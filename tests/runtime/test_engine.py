@@ -10,6 +10,7 @@ import torch
 from pipesplit import LLM, SamplingParams
 from pipesplit.planner.spec import load_spec
 from pipesplit.runtime.plan_bridge import runtime_plan
+from tests.planner.test_partition import compositions
 
 GiB = 1 << 30
 
@@ -75,15 +76,6 @@ def kv_bytes_per_layer_token(folder) -> int:
         return 4 * (c["kv_lora_rank"] + c["qk_rope_head_dim"])
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     return 4 * 2 * c["num_key_value_heads"] * head_dim
-
-
-def compositions(total: int, parts: int):
-    if parts == 1:
-        yield (total,)
-        return
-    for first in range(1, total - parts + 2):
-        for rest in compositions(total - first, parts - 1):
-            yield (first, *rest)
 
 
 def check_plan_against_brute_force(llm, folder, pp, partition, budget_bytes, mtp=False) -> None:

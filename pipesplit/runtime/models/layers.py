@@ -9,6 +9,7 @@ masks) is built once per forward and memoised on the batch, not per layer.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -162,11 +163,14 @@ def _attention_groups(batch: AttentionBatch, device: torch.device, with_decodes:
         keys += c
     if group:
         plans.append(group)
-    starts = [0]
-    for q in batch.query_lens:
-        starts.append(starts[-1] + q)
+    starts = _running_sums(batch.query_lens)
     whole = len(plans) == 1 and plans[0] == list(seqs)
     return [_build_group(batch, members, starts, whole, device) for members in plans]
+
+
+def _running_sums(counts: Sequence[int]) -> list[int]:
+    """[0, counts[0], counts[0] + counts[1], ...]: where each sequence's rows start (and the end)."""
+    return list(itertools.accumulate(counts, initial=0))
 
 
 @dataclass
@@ -183,17 +187,13 @@ def _decode_rows(batch: AttentionBatch) -> _DecodeRows | None:
     members = [i for i, q in enumerate(batch.query_lens) if q == 1]
     if not members:
         return None
-    offsets = [0]
-    for i in members:
-        offsets.append(offsets[-1] + batch.context_lens[i])
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    offsets = as_long(_running_sums([batch.context_lens[i] for i in members]))
     slots = torch.cat([batch.context_slots[i].to(dtype=torch.long) for i in members])
     if len(members) == len(batch.query_lens):
-        return _DecodeRows(None, slots, as_long(offsets))
-    starts = [0]
-    for q in batch.query_lens:
-        starts.append(starts[-1] + q)
-    return _DecodeRows(as_long([starts[i] for i in members]), slots, as_long(offsets))
+        return _DecodeRows(None, slots, offsets)
+    starts = _running_sums(batch.query_lens)
+    return _DecodeRows(as_long([starts[i] for i in members]), slots, offsets)
 
 
 def _build_group(
