@@ -718,7 +718,9 @@ class LLM:
         self._remote = RemoteStages(pp) if torchrun and pp > 1 else None
         heartbeat_port = self._remote.port if self._remote is not None else 0
         config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp,
-                           window_pool=window_pool, progress=progress, heartbeat_port=heartbeat_port)
+                           window_pool=window_pool, progress=progress, heartbeat_port=heartbeat_port,
+                           max_step_tokens=max_batch_tokens,
+                           max_step_samples=min(max_running_requests, max_batch_tokens))
         self._spawned = SpawnedStages(pp, device, cpu_threads) if not torchrun and pp > 1 else None
         if self._spawned is not None:
             store = self._spawned.store

@@ -85,6 +85,10 @@ class RunConfig:
     window_pool: WindowPool | None = None  # the sliding-window pool's limits (models with windowed layers)
     progress: bool = False  # a load progress bar per stage, where the stage's stderr is a terminal
     heartbeat_port: int = 0  # under torchrun: rank 0's port that stages send heartbeats to (0: none)
+    # The most tokens one step computes and the most it samples: a CPU stage builds its GEMM
+    # kernels for every padded row count up to these at start-up (0: none built ahead).
+    max_step_tokens: int = 0
+    max_step_samples: int = 0
 
 
 @dataclass(frozen=True)

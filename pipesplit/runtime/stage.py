@@ -76,6 +76,7 @@ class Stage:
     def __init__(self, config: RunConfig, rank: int, device: torch.device) -> None:
         from pipesplit.runtime.loader import load_stage, resolve_model
         from pipesplit.runtime.models import kv_cache_shapes
+        from pipesplit.runtime.models.layers import warm_gemms
 
         self.config = config
         self.rank = rank
@@ -97,6 +98,8 @@ class Stage:
                 mtp=self.plan.mtp, on_tensor=on_tensor,
             )
         self.model.eval()
+        if device.type == "cpu":
+            warm_gemms(self.model, config.max_step_tokens, config.max_step_samples)
         self.load_seconds = time.perf_counter() - started
         self.param_bytes = live_weight_bytes(self.model)
 

@@ -159,9 +159,15 @@ def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+# Characters that str.splitlines() ends a line at and JSON leaves unescaped: clients that read a
+# stream with it (httpx's aiter_lines) would cut an event in two, so they are sent escaped.
+_LINE_BREAKING = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: dict | str) -> str:
+    """One server-sent event: `data: <JSON>`, on a single line for every line splitter."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {data}\n\n"
+    return f"data: {data.translate(_LINE_BREAKING)}\n\n"
 
 
 # -- response shapes -----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The native decode-attention kernel against attention written out per sequence and head."""
+"""The native kernels: decode attention against attention written out per sequence and head in
+float64; RMSNorm and rotary against their formulas in float64, rounded where torch rounds."""
 
 import os
 import shutil
@@ -120,4 +121,82 @@ def test_switching_the_kernel_off_falls_back_to_torch():
     env = dict(os.environ, PIPESPLIT_NATIVE_KERNELS="0")
     code = "from pipesplit.runtime import kernels; print(kernels.status().detail)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "torch gather + SDPA (PIPESPLIT_NATIVE_KERNELS=0)"
+    assert done.stdout.strip() == "torch ops (PIPESPLIT_NATIVE_KERNELS=0)"
+
+
+# -- element-wise kernels ---------------------------------------------------------------------------
+def rounded(x, dtype):
+    return x.to(dtype).double()
+
+
+def rms_norm_reference(x, weight, eps):
+    """weight * to_dtype(x / sqrt(mean(x^2) + eps)), each product rounded to x's dtype (as torch)."""
+    xd = x.double()
+    normed = rounded(xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps), x.dtype)
+    return rounded(weight.double() * normed, x.dtype)
+
+
+def rotary_reference(x, cos, sin):
+    """Rotate-half rotary per element: out[i] = x[i] cos[i] - x[i + d/2] sin[i] (first half),
+    x[i] cos[i] + x[i - d/2] sin[i] (second half), each product and the sum rounded."""
+    half = x.shape[-1] // 2
+    xd, c, s = x.double(), cos.double()[:, None, :], sin.double()[:, None, :]
+    partner = torch.cat((-xd[..., half:], xd[..., :half]), dim=-1)
+    return rounded(rounded(xd * c, x.dtype) + rounded(partner * s, x.dtype), x.dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("rows,dim", [(1, 64), (47, 576), (300, 2048), (5, 7)])
+def test_rms_norm_matches_its_formula(dtype, tolerance, rows, dim):
+    gen = torch.Generator().manual_seed(rows + dim)
+    x = (torch.randn(rows, dim, generator=gen) * 3).to(dtype)
+    weight = torch.randn(dim, generator=gen).to(dtype)
+    got = kernels.rms_norm(x, weight, 1e-5)
+    assert got.dtype == dtype and got.shape == (rows, dim)
+    # bfloat16: another order of the row's sum of squares may move a value by one ulp (2^-7 relative)
+    torch.testing.assert_close(got.double(), rms_norm_reference(x, weight, 1e-5), atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_residual_add_is_exact_and_then_normed(dtype):
+    gen = torch.Generator().manual_seed(5)
+    residual, x = (torch.randn(33, 96, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.randn(96, generator=gen).to(dtype)
+    normed, total = kernels.rms_norm(x, weight, 1e-6, residual=residual)
+    assert torch.equal(total, residual + x)  # torch's own add, rounded once
+    torch.testing.assert_close(normed, kernels.rms_norm(residual + x, weight, 1e-6), atol=0, rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("heads,dim", [(9, 64), (2, 128), (3, 6)])
+def test_rotary_matches_its_formula(dtype, tolerance, heads, dim):
+    gen = torch.Generator().manual_seed(heads * dim)
+    tokens = 21
+    angles = torch.rand(tokens, dim // 2, generator=gen) * 100
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(dtype)
+    sin = torch.cat((angles.sin(), angles.sin()), -1).to(dtype)
+    fused = torch.randn(tokens, (heads + 2) * dim, generator=gen).to(dtype)
+    x = fused[:, : heads * dim].view(tokens, heads, dim)  # rows strided, as a view of a fused q/k/v output
+    got = kernels.rotary(x, cos, sin)
+    assert got.is_contiguous() and got.shape == x.shape
+    torch.testing.assert_close(got.double(), rotary_reference(x, cos, sin), atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+def test_element_wise_kernels_give_the_same_answer_on_any_thread_count():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 576, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(576, generator=gen).to(torch.bfloat16)
+    cos, sin = torch.randn(64, 64, generator=gen).to(torch.bfloat16), torch.randn(64, 64, generator=gen).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    answers = []
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            answers.append((kernels.rms_norm(x, weight, 1e-5), kernels.rotary(x.view(64, 9, 64), cos, sin)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*answers))

@@ -262,6 +262,30 @@ def test_paged_attention_matches_naive(query_lens, context_lens, groups, window,
     torch.testing.assert_close(paged_attention(q, k_pool, v_pool, batch, dim**-0.5, window), got)
 
 
+def test_gemm_row_sizes_are_few_and_waste_at_most_an_eighth():
+    from pipesplit.runtime.models.layers import ROWS_EXACT_UP_TO, padded_rows
+
+    sizes = [padded_rows(rows) for rows in range(1, 4097)]
+    assert sizes[:ROWS_EXACT_UP_TO] == list(range(1, ROWS_EXACT_UP_TO + 1))
+    assert all(padded >= rows and padded <= rows * 9 / 8 for rows, padded in enumerate(sizes, start=1))
+    assert sizes == sorted(sizes)  # more rows never get a smaller GEMM
+    assert len(set(sizes)) <= ROWS_EXACT_UP_TO + 8 * 8  # 8 sizes per doubling from 16 to 4096
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rows", [0, 1, 17, 100, 513])
+def test_linear_with_padded_rows_matches_a_float64_product(dtype, tolerance, rows):
+    from pipesplit.runtime.models.layers import linear
+
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=gen).to(dtype)
+    weight, bias = torch.randn(40, 96, generator=gen).to(dtype), torch.randn(40, generator=gen).to(dtype)
+    got = linear(x, weight, bias)
+    assert got.shape == (rows, 40) and got.dtype == dtype and got.is_contiguous()
+    expected = x.double() @ weight.double().T + bias.double()
+    torch.testing.assert_close(got.double(), expected, atol=tolerance * 10, rtol=tolerance)
+
+
 def test_bfloat16_stages_agree_with_float32(tiny_checkpoints):
     source = resolve_model(str(tiny_checkpoints["qwen3"]))
     exact = PipelineInOneProcess(source, [3, 3]).generate(PROMPTS, 1)

@@ -569,3 +569,13 @@ def test_a_template_that_raises_is_a_400():
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "messages" and "System role not supported" in error["message"]
+
+
+def test_stream_events_stay_one_line_for_every_line_splitter():
+    from pipesplit.server.protocol import sse
+
+    text = "a\u2028b\u2029c\x85d\x1ce\nf\rg"  # what a byte-level model may well emit
+    event = sse({"choices": [{"text": text}]})
+    data, blank = event.split("\n")[0], event.split("\n")[1:]
+    assert blank == ["", ""] and len(data.splitlines()) == 1  # str.splitlines, as httpx's aiter_lines
+    assert json.loads(data.removeprefix("data: "))["choices"][0]["text"] == text

@@ -1,11 +1,15 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
-Only decode attention is native (`decode_attention.c`): one query per sequence over a paged KV
-pool, read in place. The library is built for this CPU (`-march=native`) into a cache folder
-(`PIPESPLIT_CACHE_DIR`, else `$XDG_CACHE_HOME/pipesplit`, else `~/.cache/pipesplit`) under a name
-that hashes the source, the flags, the compiler and the CPU's flags, so a changed machine or
-source builds afresh. Without a working compiler, or with `PIPESPLIT_NATIVE_KERNELS=0`, the
-runtime attends with torch (gather + SDPA) and `status()` says why.
+`decode_attention.c`: one query per sequence over a paged KV pool, read in place.
+`elementwise.c`: RMSNorm (after the residual add, if asked) and rotate-half rotary embeddings,
+each one pass over the rows instead of several torch ops. (A fused SiLU(gate) * up measured no
+faster than torch's two ops here, so the MLP keeps those.)
+
+The library is built for this CPU (`-march=native`) into a cache folder (`PIPESPLIT_CACHE_DIR`,
+else `$XDG_CACHE_HOME/pipesplit`, else `~/.cache/pipesplit`) under a name that hashes the
+sources, the flags, the compiler and the CPU's flags, so a changed machine or source builds
+afresh. Without a working compiler, or with `PIPESPLIT_NATIVE_KERNELS=0`, the runtime uses torch
+ops (gather + SDPA for attention) and `status()` says why.
 """
 
 from __future__ import annotations
@@ -22,15 +26,23 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+FOLDER = Path(__file__).parent
+SOURCES = tuple(FOLDER / name for name in ("decode_attention.c", "elementwise.c"))
+HEADERS = (FOLDER / "common.h",)
 # Reassociation lets the compiler vectorise the dot products; infinities and NaNs keep their
 # meaning (no -ffinite-math-only): the softmax starts from -inf.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast")
-_ENTRIES = {torch.bfloat16: "decode_attention_bf16", torch.float32: "decode_attention_f32"}
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_ENTRIES = {dtype: f"decode_attention_{suffix}" for dtype, suffix in _SUFFIX.items()}
 MAX_STACK_FLOATS = 65536  # as in decode_attention.c: a task's query and accumulator floats
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-_ARGTYPES = [_P, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32, _I64, _I64, _I64, _I64, _F32, _F32, _P, _I64, _I32]
+_ARGTYPES = {
+    "decode_attention": [_P, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32, _I64, _I64, _I64, _I64, _F32, _F32, _P,
+                         _I64, _I32],
+    "rms_norm": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I32, _F32, _I32],
+    "rotary": [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32],
+}
 
 
 @dataclass(frozen=True)
@@ -65,8 +77,9 @@ def _compiler() -> str | None:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
-    target = cache_dir() / "kernels" / f"decode_attention-{key[:16]}.so"
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+    target = cache_dir() / "kernels" / f"pipesplit-kernels-{key[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +88,7 @@ def _build(compiler: str) -> Path:
     fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", scratch, str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *FLAGS, f"-I{FOLDER}", "-o", scratch, *map(str, SOURCES)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
@@ -89,21 +102,22 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, NativeStatus]:
     if os.environ.get("PIPESPLIT_NATIVE_KERNELS", "1") == "0":
-        return None, NativeStatus(False, "torch gather + SDPA (PIPESPLIT_NATIVE_KERNELS=0)")
+        return None, NativeStatus(False, "torch ops (PIPESPLIT_NATIVE_KERNELS=0)")
     compiler = _compiler()
     if compiler is None:
-        return None, NativeStatus(False, "torch gather + SDPA (no C compiler found: install gcc for the native kernel)")
+        return None, NativeStatus(False, "torch ops (no C compiler found: install gcc for the native kernels)")
     try:
         path = _build(compiler)
         # torch has loaded its libgomp already: the library's libgomp.so.1 resolves to that one,
         # so both share one OpenMP thread pool.
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return None, NativeStatus(False, f"torch gather + SDPA (native kernel unavailable: {exc})")
-    for name in _ENTRIES.values():
-        entry = getattr(library, name)
-        entry.argtypes, entry.restype = _ARGTYPES, ctypes.c_int
-    return library, NativeStatus(True, f"native kernel ({Path(compiler).name} -march=native)")
+        return None, NativeStatus(False, f"torch ops (native kernels unavailable: {exc})")
+    for name, argtypes in _ARGTYPES.items():
+        for suffix in _SUFFIX.values():
+            entry = getattr(library, f"{name}_{suffix}")
+            entry.argtypes, entry.restype = argtypes, ctypes.c_int
+    return library, NativeStatus(True, f"native kernels ({Path(compiler).name} -march=native)")
 
 
 def status() -> NativeStatus:
@@ -155,4 +169,56 @@ def decode_attention(
     )
     if code != 0:
         raise RuntimeError(f"decode_attention failed with code {code}")
+    return out
+
+
+# -- element-wise kernels ----------------------------------------------------------------------------
+def rows_supported(*tensors: torch.Tensor) -> bool:
+    """Whether the element-wise kernels can serve these tensors: on the CPU, all of one dtype
+    (float32 or bfloat16), 2- or 3-D with contiguous last dimension."""
+    first = tensors[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in _SUFFIX
+        and all(t.dtype == first.dtype and t.device == first.device and t.stride(-1) == 1 for t in tensors)
+        and _library()[0] is not None
+    )
+
+
+def _call(name: str, dtype: torch.dtype, *args) -> None:
+    library = _library()[0]
+    if library is None:
+        raise RuntimeError(status().detail)
+    code = getattr(library, f"{name}_{_SUFFIX[dtype]}")(*args, torch.get_num_threads())
+    if code != 0:
+        raise RuntimeError(f"{name} failed with code {code}")
+
+
+def _row_stride(x: torch.Tensor) -> int:
+    """Elements between rows of a [rows, width] tensor whose rows are each contiguous."""
+    return x.stride(0) if x.shape[0] > 1 else x.shape[1]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """weight * to_dtype(x * rsqrt(mean(x^2) + eps)) over the last dimension of x [rows, dim].
+    With `residual`: (that of s, s) where s = residual + x, rounded to the dtype (the new residual)."""
+    rows, dim = x.shape
+    weight = weight.contiguous()
+    out = x.new_empty(rows, dim)
+    total = None if residual is None else x.new_empty(rows, dim)
+    _call("rms_norm", x.dtype, x.data_ptr(), _row_stride(x), None if residual is None else residual.data_ptr(),
+          0 if residual is None else _row_stride(residual), weight.data_ptr(), out.data_ptr(),
+          None if total is None else total.data_ptr(), rows, dim, eps)
+    return out if residual is None else (out, total)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x [tokens, heads, dim] (heads packed in each token's row)
+    and cos, sin [tokens, dim] contiguous; returns a contiguous [tokens, heads, dim]."""
+    tokens, heads, dim = x.shape
+    if x.stride(1) != dim or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError("rotary needs each token's heads packed and contiguous cos/sin tables")
+    out = x.new_empty(tokens, heads, dim)
+    stride = x.stride(0) if tokens > 1 else heads * dim
+    _call("rotary", x.dtype, x.data_ptr(), stride, cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim)
     return out

@@ -18,6 +18,7 @@ from pipesplit.errors import UserError
 from pipesplit.planner.spec import ModelSpec
 from pipesplit.runtime.models.layers import (
     AttentionBatch,
+    Linear,
     PreNormDecoderLayer,
     RMSNorm,
     RotaryEmbedding,
@@ -59,7 +60,7 @@ class MLAttention(nn.Module):
         self.heads, self.mla = heads, m
         self.scale = softmax_scale(spec)
         self.rotate = apply_rotary_interleaved if rope_is_interleaved(spec) else apply_rotary
-        linear = lambda i, o: nn.Linear(i, o, bias=False, dtype=dtype, device=device)  # noqa: E731
+        linear = lambda i, o: Linear(i, o, bias=False, dtype=dtype, device=device)  # noqa: E731
         if m.q_lora_rank:
             self.q_a_proj = linear(hidden, m.q_lora_rank)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, LORA_NORM_EPS, dtype, device)
@@ -117,10 +118,10 @@ def mtp_module(spec: ModelSpec, index: int, dtype: torch.dtype, device: torch.de
     module.embed_tokens = nn.Embedding(spec.vocab_size, h, dtype=dtype, device=device)
     module.enorm = RMSNorm(h, eps, dtype, device)
     module.hnorm = RMSNorm(h, eps, dtype, device)
-    module.eh_proj = nn.Linear(2 * h, h, bias=False, dtype=dtype, device=device)
+    module.eh_proj = Linear(2 * h, h, bias=False, dtype=dtype, device=device)
     module.shared_head = nn.Module()
     module.shared_head.norm = RMSNorm(h, eps, dtype, device)
-    module.shared_head.head = nn.Linear(h, spec.vocab_size, bias=False, dtype=dtype, device=device)
+    module.shared_head.head = Linear(h, spec.vocab_size, bias=False, dtype=dtype, device=device)
     return module
 
 

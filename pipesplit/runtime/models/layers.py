@@ -231,13 +231,90 @@ def _build_group(
 
 
 # -- projections ---------------------------------------------------------------------------------------
+# On the CPU every GEMM's row count is rounded up to one of a few sizes (exact up to 16, then at
+# most 1/8 more rows: 8 sizes per doubling). oneDNN, which computes bfloat16 GEMMs under F.linear
+# and float32 ones here, builds and keeps a kernel per input shape; with a new token count every
+# step it kept building them. 6,000 GEMMs over SmolLM2's weight shapes with random row counts
+# (1-1024), on this project's AVX-512 machine: bfloat16 232 GFLOPS and 1.5 GB resident at the
+# end, 302 GFLOPS and a flat 0.47 GB with the rounding (270 shapes in all); float32 through oneDNN
+# 172 GFLOPS and 1.8 GB, with the rounding 224 GFLOPS and 0.56 GB (MKL's sgemm: 127, 0.40 GB).
+ROWS_EXACT_UP_TO = 16
+
+
+def padded_rows(rows: int) -> int:
+    """`rows` rounded up to the next GEMM size: itself up to ROWS_EXACT_UP_TO, else a multiple of
+    1/8 of its power of two (17 -> 18, 100 -> 104, 513 -> 576)."""
+    if rows <= ROWS_EXACT_UP_TO:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
+# So float32 goes to oneDNN too, rather than to MKL's sgemm under F.linear: PP1 float32 on the
+# throughput bench's workload went from 117 to 187 tok/s on that machine.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear. For float32 on the CPU that is MKL's sgemm; oneDNN (`mkldnn._linear_pointwise`)
-    is 2.2-4x faster at SmolLM2's shapes on this project's AVX-512 machine and lifted PP1 float32
-    from 111 to 166 tok/s, but it keeps state per input shape: with a different token count every
-    step a server's resident memory grew 17-29% in a 15-second soak (with tcmalloc too, and with
-    ONEDNN_PRIMITIVE_CACHE_CAPACITY=32), where MKL stays flat. So float32 stays on MKL."""
-    return F.linear(x, weight, bias)
+    """F.linear; on the CPU with the rows padded to `padded_rows` (the padding rows are zeros and
+    are cut off again) and float32 computed by oneDNN."""
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if x.device.type != "cpu" or rows == 0:
+        return F.linear(x, weight, bias)
+    padded = padded_rows(rows)
+    if padded != rows:
+        x = torch.cat((x, x.new_zeros(padded - rows, x.shape[1])))
+    if x.dtype == torch.float32 and _ONEDNN_LINEAR:
+        out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    else:
+        out = F.linear(x, weight, bias)
+    return out[:rows]
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`: the checkpoint's names and init, this project's GEMM."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def warm_gemms(stage: nn.Module, max_rows: int, max_head_rows: int) -> int:
+    """Runs each distinct GEMM of a CPU stage once per padded row count up to max_rows (the head's
+    up to max_head_rows), so that oneDNN builds every kernel the stage will use before serving:
+    the resident memory they take (about 0.3 GB for the tiny test model, where a soak's grew
+    for a minute and then stayed flat) is taken at start-up, not while serving. Returns the
+    number of GEMMs run."""
+    gemms: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, int]] = {}
+
+    def add(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
+        key = (tuple(weight.shape), weight.dtype, bias is not None)
+        gemms[key] = (weight, bias, max(rows, gemms.get(key, (None, None, 0))[2]))
+
+    # the layers the stage runs (not held-only ones such as DeepSeek's MTP module), and the head
+    run = [m for _, layer in getattr(stage, "_layers", []) for m in layer.modules()]
+    fused_parts = set()
+    for module in run:
+        if isinstance(module, GQAttention) and module.qkv is not None:
+            add(*module.qkv, max_rows)
+            fused_parts.update(id(m) for m in (module.q_proj, module.k_proj, module.v_proj))
+        elif isinstance(module, SwiGLUMLP) and module.gate_up is not None:
+            add(*module.gate_up, max_rows)
+            fused_parts.update(id(m) for m in (module.gate_proj, module.up_proj))
+    for module in run:
+        if isinstance(module, Linear) and id(module) not in fused_parts:
+            add(module.weight, module.bias, max_rows)
+    if getattr(stage, "has_lm_head", False):
+        add(stage.head_weight(), None, max_head_rows)
+    sizes = sorted({padded_rows(rows) for rows in range(1, max(max_rows, max_head_rows) + 1)})
+    count = 0
+    with torch.inference_mode():
+        for weight, bias, most in gemms.values():
+            if weight.device.type != "cpu" or weight.is_meta:
+                continue
+            for rows in (r for r in sizes if r <= most):
+                linear(weight.new_zeros(rows, weight.shape[1]), weight, bias)
+                count += 1
+    return count
 
 
 # -- fused projections -------------------------------------------------------------------------------
@@ -275,10 +352,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and kernels.rows_supported(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)  # one pass, the same rounding
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_and_norm(self, residual: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this norm of residual + x, residual + x): the residual add and the next norm in one pass
+        where the native kernel can (and the subclass keeps this norm's formula)."""
+        if type(self).forward is RMSNorm.forward and residual.dim() == 2 and kernels.rows_supported(
+                residual, x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
+        total = residual + x
+        return self(total), total
 
 
 class SwiGLUMLP(nn.Module):
@@ -288,9 +376,9 @@ class SwiGLUMLP(nn.Module):
         self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device: torch.device | str
     ) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias, dtype=dtype, device=device)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
+        self.up_proj = Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
+        self.down_proj = Linear(intermediate, hidden, bias=bias, dtype=dtype, device=device)
         self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
 
     def fuse(self) -> None:
@@ -407,6 +495,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x [T, heads, dim] rotated by the (cos, sin) of its tokens, each [T, 1, dim]."""
     cos, sin = rope
+    tokens, _, dim = x.shape
+    if (cos.shape == sin.shape == (tokens, 1, dim) and x.stride(1) == dim and cos.is_contiguous()
+            and sin.is_contiguous() and kernels.rows_supported(x, cos, sin)):
+        return kernels.rotary(x, cos.view(tokens, dim), sin.view(tokens, dim))  # one pass, the same rounding
     return x * cos + _rotate_half(x) * sin
 
 
@@ -527,10 +619,10 @@ class GQAttention(nn.Module):
         self.scale = head_dim**-0.5 if scale is None else scale
         self.softcap = softcap
         self.sinks = nn.Parameter(torch.empty(heads, dtype=dtype, device=device)) if sinks else None
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias, dtype=dtype, device=device)
+        self.q_proj = Linear(hidden, heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
+        self.k_proj = Linear(hidden, kv_heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
+        self.v_proj = Linear(hidden, kv_heads * head_dim, bias=qkv_bias, dtype=dtype, device=device)
+        self.o_proj = Linear(heads * head_dim, hidden, bias=o_bias, dtype=dtype, device=device)
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, eps, dtype, device)
             self.k_norm = RMSNorm(head_dim, eps, dtype, device)
@@ -607,8 +699,9 @@ class PreNormDecoderLayer(nn.Module):
         self.mlp_name = mlp_name
 
     def forward(self, h: torch.Tensor, batch: AttentionBatch, kv: tuple[torch.Tensor, ...], rope) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), batch, kv, rope)
-        return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
+        attended = self.self_attn(self.input_layernorm(h), batch, kv, rope)
+        normed, h = self.post_attention_layernorm.add_and_norm(h, attended)
+        return h + getattr(self, self.mlp_name)(normed)
 
 
 def check_buildable(spec: "ModelSpec", family: str, formats: tuple[str, ...]) -> None:
@@ -669,7 +762,7 @@ class DecoderStage(nn.Module):
             self.model.norm = (final_norm or RMSNorm)(spec.hidden_size, spec.rms_norm_eps, dtype, device)
             # tied and holding the embedding (PP=1): the head reads the embedding's weight, stored once
             if not (spec.tie_word_embeddings and embedding):
-                self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device=device)
+                self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype, device=device)
         self.rotary = rotary
         self._layers = [(i, self.model.layers[str(i)]) for i in range(start, end)]
 

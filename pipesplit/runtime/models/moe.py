@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipesplit.planner.spec import MoESpec
-from pipesplit.runtime.models.layers import SwiGLUMLP
+from pipesplit.runtime.models.layers import Linear, SwiGLUMLP
 
 GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_EXPERT_NAMES = ("w1", "w3", "w2")  # gate, up, down
@@ -82,9 +82,9 @@ class Expert(nn.Module):
         super().__init__()
         self.names = names
         gate, up, down = names
-        setattr(self, gate, nn.Linear(hidden, width, bias=False, dtype=dtype, device=device))
-        setattr(self, up, nn.Linear(hidden, width, bias=False, dtype=dtype, device=device))
-        setattr(self, down, nn.Linear(width, hidden, bias=False, dtype=dtype, device=device))
+        setattr(self, gate, Linear(hidden, width, bias=False, dtype=dtype, device=device))
+        setattr(self, up, Linear(hidden, width, bias=False, dtype=dtype, device=device))
+        setattr(self, down, Linear(width, hidden, bias=False, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
@@ -116,7 +116,7 @@ class SparseMoE(nn.Module):
         if self.shared_name:
             setattr(self, shared_name, SwiGLUMLP(hidden, moe.shared_intermediate_size, False, dtype, device))
         if moe.shared_expert_gate:
-            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False, dtype=dtype, device=device)
+            self.shared_expert_gate = Linear(hidden, 1, bias=False, dtype=dtype, device=device)
         else:
             self.shared_expert_gate = None
 

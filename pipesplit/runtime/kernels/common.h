@@ -1,0 +1,82 @@
+/* What the native kernels share: bfloat16 <-> float32, rows loaded and stored as float32, and a
+ * vectorisable exp. */
+#ifndef PIPESPLIT_COMMON_H
+#define PIPESPLIT_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float bf16_to_float(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+INLINE uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                        /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* A row of n elements as float32; bf16 selects the storage type (a constant after inlining). */
+INLINE void load_row(int bf16, const void *src, float *restrict dst, int n) {
+    if (bf16) {
+        const uint16_t *s = src;
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_float(s[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof *dst);
+    }
+}
+
+INLINE void store_row(int bf16, const float *restrict src, void *dst, int n) {
+    if (bf16) {
+        uint16_t *d = dst;
+        for (int i = 0; i < n; i++) d[i] = float_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof *src);
+    }
+}
+
+/* exp(x) for x <= 0 (a score minus its row's maximum), relative error about 2e-7: a Cephes-style
+ * polynomial after range reduction, written so that the compiler vectorises it (libm's expf is
+ * a scalar call per score). */
+INLINE float exp_nonpositive(float x) {
+    /* x = max(x, -87), on the bits: a float select would keep the loop from vectorising. Negative
+     * floats below -87 (-inf included) have larger signed bit patterns than -87's. */
+    int32_t bits_of_x;
+    memcpy(&bits_of_x, &x, sizeof x);
+    const int32_t minus_87 = (int32_t)0xc2ae0000u;
+    const int32_t below = -((bits_of_x < 0) & (bits_of_x > minus_87)); /* all ones where x < -87 */
+    bits_of_x = (minus_87 & below) | (bits_of_x & ~below);
+    memcpy(&x, &bits_of_x, sizeof x);
+    /* the integer nearest x * log2(e) (x <= 0: truncating x * log2(e) - 0.5 rounds it); a
+     * conversion, which vectorises where roundevenf does not */
+    const float n = (float)(int32_t)(x * 1.44269504088896341f - 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* f rounded to the storage dtype and back: what a torch op's bfloat16 result holds. */
+INLINE float round_to(int bf16, float f) { return bf16 ? bf16_to_float(float_to_bf16(f)) : f; }
+
+/* Floats of one row a kernel keeps on its stack, per array. */
+#define MAX_ROW_FLOATS 32768
+
+#endif
