@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -175,7 +176,7 @@ def decode_attention(
 # -- element-wise kernels ----------------------------------------------------------------------------
 def rows_supported(*tensors: torch.Tensor) -> bool:
     """Whether the element-wise kernels can serve these tensors: on the CPU, all of one dtype
-    (float32 or bfloat16), 2- or 3-D with contiguous last dimension."""
+    (float32 or bfloat16), each with a contiguous last dimension (shapes are the caller's check)."""
     first = tensors[0]
     return (
         first.device.type == "cpu"
@@ -195,8 +196,8 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
 
 
 def _row_stride(x: torch.Tensor) -> int:
-    """Elements between rows of a [rows, width] tensor whose rows are each contiguous."""
-    return x.stride(0) if x.shape[0] > 1 else x.shape[1]
+    """Elements between rows (along dim 0) of a tensor whose rows are each contiguous."""
+    return x.stride(0) if x.shape[0] > 1 else math.prod(x.shape[1:])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -219,6 +220,5 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if x.stride(1) != dim or not (cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError("rotary needs each token's heads packed and contiguous cos/sin tables")
     out = x.new_empty(tokens, heads, dim)
-    stride = x.stride(0) if tokens > 1 else heads * dim
-    _call("rotary", x.dtype, x.data_ptr(), stride, cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim)
+    _call("rotary", x.dtype, x.data_ptr(), _row_stride(x), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim)
     return out

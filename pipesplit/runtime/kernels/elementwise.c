@@ -10,9 +10,6 @@
  * Layouts (strides in elements): an input row starts at x + row * x_stride, its elements
  * contiguous; outputs are contiguous.
  */
-#include <stdint.h>
-#include <string.h>
-
 #include "common.h"
 
 /* ---- RMSNorm: out = weight * to_dtype(x * rsqrt(mean(x^2) + eps)) -------------------------------
@@ -22,9 +19,11 @@ INLINE void rms_norm_rows(int bf16, const void *x, int64_t x_stride, const void 
                           const void *weight, void *out, void *sum_out, int64_t rows, int dim, float eps,
                           int threads) {
     const size_t esize = bf16 ? 2 : 4;
+    float w[dim]; /* the weight, read once and shared by the threads */
+    load_row(bf16, weight, w, dim);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        float row[dim], w[dim];
+        float row[dim];
         load_row(bf16, (const char *)x + r * x_stride * esize, row, dim);
         if (residual != NULL) {
             float res[dim];
@@ -35,7 +34,6 @@ INLINE void rms_norm_rows(int bf16, const void *x, int64_t x_stride, const void 
         float squares = 0.0f;
         for (int i = 0; i < dim; i++) squares += row[i] * row[i];
         const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
-        load_row(bf16, weight, w, dim);
         for (int i = 0; i < dim; i++) row[i] = round_to(bf16, w[i] * round_to(bf16, row[i] * inv));
         store_row(bf16, row, (char *)out + r * (int64_t)dim * esize, dim);
     }

@@ -309,8 +309,6 @@ def warm_gemms(stage: nn.Module, max_rows: int, max_head_rows: int) -> int:
     count = 0
     with torch.inference_mode():
         for weight, bias, most in gemms.values():
-            if weight.device.type != "cpu" or weight.is_meta:
-                continue
             for rows in (r for r in sizes if r <= most):
                 linear(weight.new_zeros(rows, weight.shape[1]), weight, bias)
                 count += 1
