@@ -1,5 +1,5 @@
-"""The native kernels: decode attention against attention written out per sequence and head in
-float64; RMSNorm and rotary against their formulas in float64, rounded where torch rounds."""
+"""The native kernels: decode and prefill attention against attention written out per sequence,
+query and head in float64; RMSNorm and rotary against their formulas in float64, rounded where torch rounds."""
 
 import os
 import shutil
@@ -115,6 +115,86 @@ def test_a_non_contiguous_query_and_many_threads_give_the_same_answer():
         torch.set_num_threads(threads)
     assert torch.equal(one, four)
     torch.testing.assert_close(one.double(), reference(q, k_pool, v_pool, contexts, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def prefill_reference(q, k_pool, v_pool, contexts, query_lens, scale, window=None, softcap=None, sinks=None):
+    """Each sequence's new tokens (its context's last query_lens) over the context up to and
+    including themselves (and within the window), query by query, in float64."""
+    rows = []
+    for slots, q_len in zip(contexts, query_lens):
+        for i in range(q_len):
+            position = len(slots) - q_len + i
+            seen = slots[: position + 1]
+            token = len(rows)
+            rows.append(reference(q[token : token + 1], k_pool, v_pool, [seen], scale, window, softcap, sinks)[0])
+    return torch.stack(rows)
+
+
+def run_prefill(q, k_pool, v_pool, contexts, query_lens, scale, **options):
+    slots = torch.tensor([s for c in contexts for s in c], dtype=torch.long)
+    offsets = torch.tensor([0] + [len(c) for c in contexts], dtype=torch.long).cumsum(0)
+    row_starts = torch.tensor([0, *query_lens[:-1]], dtype=torch.long).cumsum(0)
+    out = q.new_full((q.shape[0], q.shape[1], v_pool.shape[2]), float("nan"))
+    kernels.prefill_attention(q, k_pool, v_pool, out, slots, offsets, row_starts,
+                              torch.tensor(query_lens, dtype=torch.long), scale, **options)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 2, 8), (4, 4, 128), (8, 1, 24)])
+@pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (7, None, False), (None, 30.0, False),
+                                                   (None, None, True), (70, 20.0, True)])
+def test_prefill_attention_matches_reference(dtype, tolerance, heads, kv_heads, dim, window, softcap, sinks):
+    """Whole prompts and chunks after earlier context, short and longer than a key block (64)
+    and a query block; windows shorter and longer than a block."""
+    gen = torch.Generator().manual_seed(heads * dim + 1)
+    k_pool, v_pool = pools(900, kv_heads, dim, dim, dtype, gen)
+    query_lens = [2, 130, 17, 5, 66]
+    contexts = contexts_for([2, 130, 150, 64, 200], 900, gen)
+    q = torch.randn(sum(query_lens), heads, dim, generator=gen).to(dtype)
+    sink_values = torch.randn(heads, generator=gen) * 3 if sinks else None
+    got = run_prefill(q, k_pool, v_pool, contexts, query_lens, dim**-0.5, window=window, softcap=softcap,
+                      sinks=sink_values)
+    want = prefill_reference(q, k_pool, v_pool, contexts, query_lens, dim**-0.5, window, softcap, sink_values)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+def test_prefill_attention_over_a_latent_pool_leaves_other_rows_alone():
+    """MLA's strided value view; rows of `out` that belong to no listed sequence (a decode's,
+    which the other kernel writes) keep what they held."""
+    gen = torch.Generator().manual_seed(3)
+    heads, rank, rope = 16, 32, 8
+    pool = torch.randn(300, rank + rope, generator=gen)
+    keys, values = pool.view(300, 1, rank + rope), pool[:, None, :rank]
+    contexts = contexts_for([9, 100], 300, gen)
+    q = torch.randn(9 + 1 + 40, heads, rank + rope, generator=gen)
+    out = torch.full((50, heads, rank), 7.0)
+    slots = torch.tensor(contexts[0] + contexts[1])
+    kernels.prefill_attention(q, keys, values, out, slots, torch.tensor([0, 9, 109]), torch.tensor([0, 10]),
+                              torch.tensor([9, 40]), 0.1)
+    want = prefill_reference(torch.cat((q[:9], q[10:])), keys, values, contexts, [9, 40], 0.1)
+    torch.testing.assert_close(torch.cat((out[:9], out[10:])).double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[9], torch.full((heads, rank), 7.0))
+
+
+@needs_kernel
+def test_prefill_attention_is_the_same_on_one_thread_and_four():
+    gen = torch.Generator().manual_seed(4)
+    k_pool, v_pool = pools(700, 3, 64, 64, torch.bfloat16, gen)
+    contexts = contexts_for([300, 90], 700, gen)
+    q = torch.randn(300 + 20, 9, 64, generator=gen).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_prefill(q, k_pool, v_pool, contexts, [300, 20], 0.125)
+        torch.set_num_threads(4)
+        four = run_prefill(q, k_pool, v_pool, contexts, [300, 20], 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, four)
 
 
 def test_switching_the_kernel_off_falls_back_to_torch():

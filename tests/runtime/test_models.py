@@ -255,9 +255,12 @@ def test_paged_attention_matches_naive(query_lens, context_lens, groups, window,
     q = torch.randn(sum(query_lens), heads, dim, generator=gen)
     got = paged_attention(q, k_pool, v_pool, batch, dim**-0.5, window)
     torch.testing.assert_close(got, naive_attention(q, k_pool, v_pool, batch, dim**-0.5, window))
-    if native:  # decodes go to the kernel; each prefill is its own group
-        groups = sum(q_len > 1 for q_len in query_lens)
-    assert len(batch.memo(("attention_groups", q.device, not native), list)) == groups
+    if native:  # decodes and prefill chunks go to the two kernels, which gather nothing
+        decodes, prefills = batch.memo("native_rows", list)
+        assert (decodes is not None, prefills is not None) == (1 in query_lens, any(n > 1 for n in query_lens))
+        assert batch.memo(("attention_groups", q.device), list) == []
+    else:
+        assert len(batch.memo(("attention_groups", q.device), list)) == groups
     # the second layer of the same forward reuses the memoised plan and buffers
     torch.testing.assert_close(paged_attention(q, k_pool, v_pool, batch, dim**-0.5, window), got)
 

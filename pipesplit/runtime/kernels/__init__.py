@@ -1,6 +1,8 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
 `decode_attention.c`: one query per sequence over a paged KV pool, read in place.
+`prefill_attention.c`: causal attention of several new tokens per sequence over the pool, read in
+place, skipping the key blocks the mask hides (flash attention in float32).
 `elementwise.c`: RMSNorm (after the residual add, if asked) and rotate-half rotary embeddings,
 each one pass over the rows instead of several torch ops. (A fused SiLU(gate) * up measured no
 faster than torch's two ops here, so the MLP keeps those.)
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 FOLDER = Path(__file__).parent
-SOURCES = tuple(FOLDER / name for name in ("decode_attention.c", "elementwise.c"))
+SOURCES = tuple(FOLDER / name for name in ("decode_attention.c", "prefill_attention.c", "elementwise.c"))
 HEADERS = (FOLDER / "common.h",)
 # Reassociation lets the compiler vectorise the dot products; infinities and NaNs keep their
 # meaning (no -ffinite-math-only): the softmax starts from -inf.
@@ -41,6 +43,8 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 _ARGTYPES = {
     "decode_attention": [_P, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32, _I64, _I64, _I64, _I64, _F32, _F32, _P,
                          _I64, _I32],
+    "prefill_attention": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32, _I64, _I64, _I64, _I64, _F32,
+                          _F32, _P, _I64, _I32],
     "rms_norm": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I32, _F32, _I32],
     "rotary": [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32],
 }
@@ -171,6 +175,46 @@ def decode_attention(
     if code != 0:
         raise RuntimeError(f"decode_attention failed with code {code}")
     return out
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    out: torch.Tensor,
+    slots: torch.Tensor,
+    offsets: torch.Tensor,
+    row_starts: torch.Tensor,
+    query_lens: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> None:
+    """Causal attention of q [T, heads, dim] (contiguous) into out [T, heads, v_dim] (contiguous) for
+    the sequences s whose query_lens[s] new tokens are rows row_starts[s] .. of q and the last
+    tokens of their contexts, the pools' rows slots[offsets[s]:offsets[s+1]] (int64, in order).
+    Rows of `out` no sequence owns are left as they are."""
+    library = _library()[0]
+    if library is None:
+        raise RuntimeError(status().detail)
+    num_seqs = query_lens.numel()
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads, v_dim = k_pool.shape[1], v_pool.shape[2]
+    if (not (q.is_contiguous() and out.is_contiguous()) or out.shape != (q.shape[0], heads, v_dim)
+            or k_pool.shape[2] != dim or heads % kv_heads or offsets.numel() != num_seqs + 1
+            or row_starts.numel() != num_seqs):
+        raise ValueError(f"prefill_attention: q {tuple(q.shape)}, out {tuple(out.shape)}, k_pool {tuple(k_pool.shape)}, "
+                         f"{offsets.numel()} offsets for {num_seqs} sequences")
+    sink_values = None if sinks is None else sinks.detach().to(torch.float32).contiguous()
+    code = getattr(library, f"prefill_attention_{_SUFFIX[q.dtype]}")(
+        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), out.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
+        row_starts.data_ptr(), query_lens.data_ptr(), num_seqs, heads, kv_heads, dim, v_dim, k_pool.stride(0),
+        k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), scale, softcap or 0.0,
+        None if sink_values is None else sink_values.data_ptr(), window or 0, torch.get_num_threads(),
+    )
+    if code != 0:
+        raise RuntimeError(f"prefill_attention failed with code {code}")
 
 
 # -- element-wise kernels ----------------------------------------------------------------------------

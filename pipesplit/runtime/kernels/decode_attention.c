@@ -22,6 +22,13 @@
 /* Floats a task keeps on its stack (query, accumulator): 256 KiB. Larger heads are refused and
  * the caller attends with torch. */
 #define MAX_STACK_FLOATS 65536
+/* Rows ahead whose cache lines are asked for: a context's slots are scattered over the pool
+ * (decode tokens of the running sequences interleave), which the hardware prefetcher cannot follow. */
+#define PREFETCH_ROWS 8
+
+INLINE void prefetch_row(const char *row, size_t bytes) {
+    for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+}
 
 /* One (sequence, KV head): its n_rep query heads over `context` keys. The query, the output
  * accumulator and the row in flight live on the stack: for the common shapes their sizes are
@@ -39,6 +46,7 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
         for (int i = 0; i < dim; i++) qf[r * dim + i] *= scale;
     }
     for (int64_t j = 0; j < context; j++) {
+        if (j + PREFETCH_ROWS < context) prefetch_row(kb + (size_t)(slots[j + PREFETCH_ROWS] * k_slot + head * k_head) * elem, dim * elem);
         load_row(bf16, kb + (size_t)(slots[j] * k_slot + head * k_head) * elem, row, dim);
         for (int r = 0; r < n_rep; r++) {
             float dot = 0.0f;
@@ -62,6 +70,7 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
     }
     memset(acc, 0, sizeof acc);
     for (int64_t j = 0; j < context; j++) {
+        if (j + PREFETCH_ROWS < context) prefetch_row(vb + (size_t)(slots[j + PREFETCH_ROWS] * v_slot + head * v_head) * elem, v_dim * elem);
         load_row(bf16, vb + (size_t)(slots[j] * v_slot + head * v_head) * elem, row, v_dim);
         for (int r = 0; r < n_rep; r++) {
             const float p = scores[r * context + j];

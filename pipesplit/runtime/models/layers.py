@@ -146,12 +146,12 @@ class _AttentionGroup:
 _DECODE_PADDING_WASTE = 1.1
 
 
-def _attention_groups(batch: AttentionBatch, device: torch.device, with_decodes: bool) -> list[_AttentionGroup]:
-    """Each prefill alone (no padded queries); decodes (query_len 1), unless left out, sorted by
-    context length into groups whose key padding stays under _DECODE_PADDING_WASTE."""
+def _attention_groups(batch: AttentionBatch, device: torch.device) -> list[_AttentionGroup]:
+    """Each prefill alone (no padded queries); decodes (query_len 1) sorted by context length into
+    groups whose key padding stays under _DECODE_PADDING_WASTE."""
     seqs = range(len(batch.query_lens))
     plans = [[i] for i in seqs if batch.query_lens[i] > 1]
-    decodes = sorted((i for i in seqs if with_decodes and batch.query_lens[i] == 1), key=lambda i: batch.context_lens[i])
+    decodes = sorted((i for i in seqs if batch.query_lens[i] == 1), key=lambda i: batch.context_lens[i])
     group: list[int] = []
     keys = 0
     for i in decodes:
@@ -174,26 +174,36 @@ def _running_sums(counts: Sequence[int]) -> list[int]:
 
 
 @dataclass
-class _DecodeRows:
-    """The decodes of a batch for the native kernel: their token rows (None: every token is
-    one), and their contexts' slots concatenated, sequence i's at slots[offsets[i]:offsets[i+1]]."""
+class _KernelRows:
+    """Some sequences of a batch for a native kernel: their contexts' slots concatenated (sequence
+    i's at slots[offsets[i]:offsets[i+1]]), the first row of each one's new tokens, and their
+    counts. rows None: the sequences are the whole batch, one token each (decode_attention's
+    output is then the batch's, in order)."""
 
     rows: torch.Tensor | None
     slots: torch.Tensor
     offsets: torch.Tensor
+    query_lens: torch.Tensor
 
 
-def _decode_rows(batch: AttentionBatch) -> _DecodeRows | None:
-    members = [i for i, q in enumerate(batch.query_lens) if q == 1]
-    if not members:
-        return None
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    offsets = as_long(_running_sums([batch.context_lens[i] for i in members]))
-    slots = torch.cat([batch.context_slots[i].to(dtype=torch.long) for i in members])
-    if len(members) == len(batch.query_lens):
-        return _DecodeRows(None, slots, offsets)
+def _native_rows(batch: AttentionBatch) -> tuple[_KernelRows | None, _KernelRows | None]:
+    """The batch's decodes and its prefill chunks (query_len > 1), for the two kernels."""
     starts = _running_sums(batch.query_lens)
-    return _DecodeRows(as_long([starts[i] for i in members]), slots, offsets)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+
+    def rows_of(members: list[int], whole: bool) -> _KernelRows | None:
+        if not members:
+            return None
+        return _KernelRows(
+            None if whole else as_long([starts[i] for i in members]),
+            torch.cat([batch.context_slots[i].to(dtype=torch.long) for i in members]),
+            as_long(_running_sums([batch.context_lens[i] for i in members])),
+            as_long([batch.query_lens[i] for i in members]),
+        )
+
+    decodes = [i for i, q in enumerate(batch.query_lens) if q == 1]
+    prefills = [i for i, q in enumerate(batch.query_lens) if q > 1]
+    return rows_of(decodes, len(decodes) == len(batch.query_lens)), rows_of(prefills, False)
 
 
 def _build_group(
@@ -521,23 +531,13 @@ def paged_attention(
     tokens, heads, dim = q.shape
     kv_heads, v_dim = k_pool.shape[1], v_pool.shape[2]
     n_rep = heads // kv_heads
-    # Decodes on the CPU go to the native kernel, which reads their K/V in place; the rest (and
-    # everything where it cannot run) is gathered and attended with torch.
-    native = kernels.supports(q, k_pool, v_pool)
-    decodes = batch.memo("decode_rows", lambda: _decode_rows(batch)) if native else None
-    groups = batch.memo(("attention_groups", q.device, not native),
-                        lambda: _attention_groups(batch, q.device, with_decodes=not native))
+    if kernels.supports(q, k_pool, v_pool):
+        return _native_attention(q, k_pool, v_pool, batch, scale, window, sinks, softcap)
+    # Elsewhere (or where the kernels cannot run) the contexts are gathered and attended with torch.
+    groups = batch.memo(("attention_groups", q.device), lambda: _attention_groups(batch, q.device))
     out = None
-    if decodes is not None:
-        q_decode = q if decodes.rows is None else q.index_select(0, decodes.rows)
-        o = kernels.decode_attention(q_decode, k_pool, v_pool, decodes.slots, decodes.offsets, scale, window,
-                                     softcap, sinks).view(-1, heads * v_dim)
-        if decodes.rows is None:
-            return o
-        out = q.new_empty(tokens, heads * v_dim)
-        out[decodes.rows] = o
-    in_order = out is None and len(groups) == 1 and groups[0].token_rows is None  # the group's rows are the tokens
-    if out is None and not in_order:
+    in_order = len(groups) == 1 and groups[0].token_rows is None  # the group's rows are the tokens
+    if not in_order:
         out = q.new_empty(tokens, heads * v_dim)
     for g in groups:
         b, q_len = g.batch, g.queries
@@ -559,6 +559,27 @@ def paged_attention(
             return o
         out[g.token_rows] = o
     return out
+
+
+def _native_attention(q, k_pool, v_pool, batch: AttentionBatch, scale: float, window, sinks, softcap) -> torch.Tensor:
+    """paged_attention on the CPU kernels, which read K/V in place from the pools: decodes (one
+    query) with decode_attention, prefill chunks with prefill_attention."""
+    tokens, heads, _ = q.shape
+    v_dim = v_pool.shape[2]
+    rows = batch.memo("native_rows", lambda: _native_rows(batch))
+    decodes, prefills = rows
+    if decodes is not None:
+        q_decode = q if decodes.rows is None else q.index_select(0, decodes.rows)
+        o = kernels.decode_attention(q_decode, k_pool, v_pool, decodes.slots, decodes.offsets, scale, window,
+                                     softcap, sinks)
+        if decodes.rows is None:
+            return o.view(tokens, heads * v_dim)
+    out = q.new_empty(tokens, heads, v_dim)
+    if decodes is not None:
+        out[decodes.rows] = o
+    kernels.prefill_attention(q.contiguous(), k_pool, v_pool, out, prefills.slots, prefills.offsets, prefills.rows,
+                              prefills.query_lens, scale, window, softcap, sinks)
+    return out.view(tokens, heads * v_dim)
 
 
 def _eager_attention(
