@@ -67,7 +67,7 @@ needs_kernel = pytest.mark.skipif(not kernels.status().available, reason=kernels
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 2, 8), (4, 4, 128), (8, 1, 24)])
 @pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (7, None, False), (None, 30.0, False),
                                                    (None, None, True), (5, 20.0, True)])
@@ -84,7 +84,7 @@ def test_decode_attention_matches_reference(dtype, tolerance, heads, kv_heads, d
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
 def test_decode_attention_over_a_latent_pool(dtype, tolerance):
     """MLA's absorbed form: one latent per slot is the key (latent + rope part), its first
     `rank` values the value, read through a strided view of the same pool."""
@@ -141,7 +141,7 @@ def run_prefill(q, k_pool, v_pool, contexts, query_lens, scale, **options):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 2, 8), (4, 4, 128), (8, 1, 24)])
 @pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (7, None, False), (None, 30.0, False),
                                                    (None, None, True), (70, 20.0, True)])
@@ -195,6 +195,18 @@ def test_prefill_attention_is_the_same_on_one_thread_and_four():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, four)
+
+
+def test_the_portable_loops_pass_the_bfloat16_checks_too():
+    """Where the CPU has AVX512-BF16 the bfloat16 kernels use vdpbf16ps; the portable loops that
+    other CPUs run are built and checked here as well."""
+    if "avx512_bf16" not in kernels._cpu_flags().split():
+        pytest.skip("this CPU runs the portable loops in the other tests already")
+    env = dict(os.environ, PIPESPLIT_PORTABLE_KERNELS="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "bfloat16 and attention and not portable"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-500:]
 
 
 def test_switching_the_kernel_off_falls_back_to_torch():

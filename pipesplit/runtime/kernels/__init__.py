@@ -7,6 +7,8 @@ place, skipping the key blocks the mask hides (flash attention in float32).
 each one pass over the rows instead of several torch ops. (A fused SiLU(gate) * up measured no
 faster than torch's two ops here, so the MLP keeps those.)
 
+Where the compiler targets AVX512-BF16, bfloat16 attention sums its products with vdpbf16ps;
+elsewhere (or with PIPESPLIT_PORTABLE_KERNELS=1) portable C loops that the compiler vectorises.
 The library is built for this CPU (`-march=native`) into a cache folder (`PIPESPLIT_CACHE_DIR`,
 else `$XDG_CACHE_HOME/pipesplit`, else `~/.cache/pipesplit`) under a name that hashes the
 sources, the flags, the compiler and the CPU's flags, so a changed machine or source builds
@@ -80,10 +82,16 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def _flags() -> tuple[str, ...]:
+    """FLAGS, and with PIPESPLIT_PORTABLE_KERNELS=1 the portable C loops even where the CPU has
+    bfloat16 dot products (what a CPU without AVX512-BF16 runs; the tests check both)."""
+    return (*FLAGS, "-DPIPESPLIT_PORTABLE") if os.environ.get("PIPESPLIT_PORTABLE_KERNELS") == "1" else FLAGS
+
+
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([*texts, " ".join(_flags()), version, _cpu_flags()]).encode()).hexdigest()
     target = cache_dir() / "kernels" / f"pipesplit-kernels-{key[:16]}.so"
     if target.exists():
         return target
@@ -93,10 +101,12 @@ def _build(compiler: str) -> Path:
     fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, f"-I{FOLDER}", "-o", scratch, *map(str, SOURCES)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *_flags(), f"-I{FOLDER}", "-o", scratch, *map(str, SOURCES)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            output = (done.stderr or done.stdout).strip().splitlines()
+            first_error = next((line for line in output if "error" in line), output[-1] if output else "")
+            raise RuntimeError(f"{compiler} failed: {first_error.strip()}")
         os.replace(scratch, target)
     finally:
         if os.path.exists(scratch):

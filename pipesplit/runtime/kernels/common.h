@@ -10,6 +10,15 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* bfloat16 dot products in hardware (vdpbf16ps), where the compiler targets a CPU that has them
+ * (PIPESPLIT_PORTABLE: the portable loops anyway) */
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(PIPESPLIT_PORTABLE)
+#include <immintrin.h>
+#define BF16_DOT 1
+#else
+#define BF16_DOT 0
+#endif
+
 INLINE float bf16_to_float(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
     float f;

@@ -24,11 +24,38 @@
 #define MAX_STACK_FLOATS 65536
 /* Rows ahead whose cache lines are asked for: a context's slots are scattered over the pool
  * (decode tokens of the running sequences interleave), which the hardware prefetcher cannot follow. */
-#define PREFETCH_ROWS 8
+#define PREFETCH_ROWS 16
 
 INLINE void prefetch_row(const char *row, size_t bytes) {
     for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
 }
+
+#if BF16_DOT
+/* scores[r * context + j] = scale * q_r . k_j for bfloat16 rows with dim % 32 == 0: products
+ * summed by vdpbf16ps straight from the pool's rows (exact products, float32 sums), no
+ * conversion. */
+INLINE void bf16_scores(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t context,
+                        int head, int n_rep, int dim, int v_dim, int64_t k_slot, int64_t k_head, int64_t v_slot,
+                        int64_t v_head, float scale, float *restrict scores) {
+    const int chunks = dim / 32;
+    __m512bh qv[n_rep * chunks];
+    for (int c = 0; c < n_rep * chunks; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+    for (int64_t j = 0; j < context; j++) {
+        if (j + PREFETCH_ROWS < context) {
+            prefetch_row((const char *)(k + slots[j + PREFETCH_ROWS] * k_slot + head * k_head), dim * 2);
+            prefetch_row((const char *)(v + slots[j + PREFETCH_ROWS] * v_slot + head * v_head), v_dim * 2);
+        }
+        const uint16_t *row = k + slots[j] * k_slot + head * k_head;
+        __m512bh kv[chunks];
+        for (int c = 0; c < chunks; c++) kv[c] = (__m512bh)_mm512_loadu_si512(row + 32 * c);
+        for (int r = 0; r < n_rep; r++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < chunks; c++) acc = _mm512_dpbf16_ps(acc, qv[r * chunks + c], kv[c]);
+            scores[r * context + j] = scale * _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+#endif
 
 /* One (sequence, KV head): its n_rep query heads over `context` keys. The query, the output
  * accumulator and the row in flight live on the stack: for the common shapes their sizes are
@@ -41,17 +68,26 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
     const char *kb = k, *vb = v;
     const int first = head * n_rep; /* its query heads: first .. first + n_rep */
     float qf[n_rep * dim], acc[n_rep * v_dim], row[dim > v_dim ? dim : v_dim], inverse[n_rep];
-    for (int r = 0; r < n_rep; r++) {
-        load_row(bf16, (const char *)q + ((size_t)seq * heads + first + r) * dim * elem, qf + r * dim, dim);
-        for (int i = 0; i < dim; i++) qf[r * dim + i] *= scale;
-    }
-    for (int64_t j = 0; j < context; j++) {
-        if (j + PREFETCH_ROWS < context) prefetch_row(kb + (size_t)(slots[j + PREFETCH_ROWS] * k_slot + head * k_head) * elem, dim * elem);
-        load_row(bf16, kb + (size_t)(slots[j] * k_slot + head * k_head) * elem, row, dim);
+#if BF16_DOT
+    if (bf16 && dim % 32 == 0) {
+        bf16_scores((const uint16_t *)q + ((size_t)seq * heads + first) * dim, (const uint16_t *)k, (const uint16_t *)v,
+                    slots, context, head, n_rep, dim, v_dim, k_slot, k_head, v_slot, v_head, scale, scores);
+    } else
+#endif
+    {
         for (int r = 0; r < n_rep; r++) {
-            float dot = 0.0f;
-            for (int i = 0; i < dim; i++) dot += qf[r * dim + i] * row[i];
-            scores[r * context + j] = dot;
+            load_row(bf16, (const char *)q + ((size_t)seq * heads + first + r) * dim * elem, qf + r * dim, dim);
+            for (int i = 0; i < dim; i++) qf[r * dim + i] *= scale;
+        }
+        for (int64_t j = 0; j < context; j++) {
+            if (j + PREFETCH_ROWS < context)
+                prefetch_row(kb + (size_t)(slots[j + PREFETCH_ROWS] * k_slot + head * k_head) * elem, dim * elem);
+            load_row(bf16, kb + (size_t)(slots[j] * k_slot + head * k_head) * elem, row, dim);
+            for (int r = 0; r < n_rep; r++) {
+                float dot = 0.0f;
+                for (int i = 0; i < dim; i++) dot += qf[r * dim + i] * row[i];
+                scores[r * context + j] = dot;
+            }
         }
     }
     for (int r = 0; r < n_rep; r++) {

@@ -56,6 +56,98 @@ INLINE void convert_block(int bf16, const Shape *sh, const void *k, const void *
     }
 }
 
+#if BF16_DOT
+/* Phase 1 for vdpbf16ps (bfloat16 storage, even dim, v_dim % 16 == 0): K as bf16 pairs along
+ * dim, transposed (kp[d / 2][j] holds K[j][d], K[j][d + 1]); V as pairs of consecutive keys
+ * (vp[j / 2][i] holds V[j][i], V[j + 1][i]). The same bytes as the bf16 rows, in the block's
+ * float buffer. */
+INLINE void pair_block(const Shape *sh, const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t context,
+                       int64_t block, int head, uint32_t *restrict kp, uint32_t *restrict vp) {
+    const int pairs = sh->dim / 2, v_dim = sh->v_dim;
+    const int64_t first = block * BLOCK_KEYS;
+    const int n = context - first < BLOCK_KEYS ? (int)(context - first) : BLOCK_KEYS;
+    for (int j = 0; j < BLOCK_KEYS; j++) {
+        const uint32_t *row = j < n ? (const uint32_t *)(k + slots[first + j] * sh->k_slot + head * sh->k_head) : NULL;
+        for (int d = 0; d < pairs; d++) kp[d * BLOCK_KEYS + j] = row ? row[d] : 0u;
+    }
+    for (int j = 0; j < BLOCK_KEYS; j += 2) {
+        const uint16_t *a = j < n ? v + slots[first + j] * sh->v_slot + head * sh->v_head : NULL;
+        const uint16_t *b = j + 1 < n ? v + slots[first + j + 1] * sh->v_slot + head * sh->v_head : NULL;
+        uint32_t *out = vp + (size_t)(j / 2) * v_dim;
+        if (a && b)
+            for (int i = 0; i < v_dim; i++) out[i] = (uint32_t)a[i] | (uint32_t)b[i] << 16;
+        else if (a)
+            for (int i = 0; i < v_dim; i++) out[i] = (uint32_t)a[i];
+        else
+            memset(out, 0, (size_t)v_dim * sizeof *out);
+    }
+}
+
+/* block_scores on bf16 pairs: s[r][j] = scale * sum_d q[r][d] k[j][d], qp [rows][DIM / 2]. */
+INLINE void block_scores_dot(const uint32_t *restrict qp, const uint32_t *restrict kp, float *restrict s, int rows,
+                             int DIM, float scale) {
+    const int pairs = DIM / 2, lanes = BLOCK_KEYS / 16;
+    const __m512 scaled = _mm512_set1_ps(scale);
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        __m512 a[4][BLOCK_KEYS / 16];
+        for (int x = 0; x < 4; x++)
+            for (int c = 0; c < lanes; c++) a[x][c] = _mm512_setzero_ps();
+        for (int d = 0; d < pairs; d++) {
+            __m512bh kd[BLOCK_KEYS / 16];
+            for (int c = 0; c < lanes; c++) kd[c] = (__m512bh)_mm512_loadu_si512(kp + d * BLOCK_KEYS + 16 * c);
+            for (int x = 0; x < 4; x++) {
+                const __m512bh qd = (__m512bh)_mm512_set1_epi32((int)qp[(size_t)(r + x) * pairs + d]);
+                for (int c = 0; c < lanes; c++) a[x][c] = _mm512_dpbf16_ps(a[x][c], qd, kd[c]);
+            }
+        }
+        for (int x = 0; x < 4; x++)
+            for (int c = 0; c < lanes; c++)
+                _mm512_storeu_ps(s + (size_t)(r + x) * BLOCK_KEYS + 16 * c, _mm512_mul_ps(a[x][c], scaled));
+    }
+    for (; r < rows; r++) {
+        __m512 a[BLOCK_KEYS / 16];
+        for (int c = 0; c < lanes; c++) a[c] = _mm512_setzero_ps();
+        for (int d = 0; d < pairs; d++) {
+            const __m512bh qd = (__m512bh)_mm512_set1_epi32((int)qp[(size_t)r * pairs + d]);
+            for (int c = 0; c < lanes; c++)
+                a[c] = _mm512_dpbf16_ps(a[c], qd, (__m512bh)_mm512_loadu_si512(kp + d * BLOCK_KEYS + 16 * c));
+        }
+        for (int c = 0; c < lanes; c++) _mm512_storeu_ps(s + (size_t)r * BLOCK_KEYS + 16 * c, _mm512_mul_ps(a[c], scaled));
+    }
+}
+
+/* block_values on bf16 pairs: acc[r][:] += sum_j p[r][j] v[j][:], the weights p (already
+ * bfloat16 values) paired along j; two rows at a time. */
+INLINE void block_values_dot(const float *restrict p, const uint32_t *restrict vp, float *restrict acc, int rows,
+                             int V_DIM) {
+    const int lanes = V_DIM / 16;
+    for (int r = 0; r < rows; r += 2) {
+        const int both = r + 1 < rows;
+        uint32_t w[2][BLOCK_KEYS / 2];
+        for (int x = 0; x < 2; x++) {
+            const float *pr = p + (size_t)(both || x == 0 ? r + x : r) * BLOCK_KEYS;
+            for (int j = 0; j < BLOCK_KEYS / 2; j++)
+                w[x][j] = (uint32_t)float_to_bf16(pr[2 * j]) | (uint32_t)float_to_bf16(pr[2 * j + 1]) << 16;
+        }
+        __m512 a[2][V_DIM / 16];
+        for (int x = 0; x < 2; x++)
+            for (int c = 0; c < lanes; c++) a[x][c] = _mm512_loadu_ps(acc + (size_t)(both ? r + x : r) * V_DIM + 16 * c);
+        for (int j = 0; j < BLOCK_KEYS / 2; j++) {
+            const __m512bh w0 = (__m512bh)_mm512_set1_epi32((int)w[0][j]), w1 = (__m512bh)_mm512_set1_epi32((int)w[1][j]);
+            for (int c = 0; c < lanes; c++) {
+                const __m512bh vj = (__m512bh)_mm512_loadu_si512(vp + (size_t)j * V_DIM + 16 * c);
+                a[0][c] = _mm512_dpbf16_ps(a[0][c], w0, vj);
+                a[1][c] = _mm512_dpbf16_ps(a[1][c], w1, vj);
+            }
+        }
+        for (int c = 0; c < lanes; c++) _mm512_storeu_ps(acc + (size_t)r * V_DIM + 16 * c, a[0][c]);
+        if (both)
+            for (int c = 0; c < lanes; c++) _mm512_storeu_ps(acc + (size_t)(r + 1) * V_DIM + 16 * c, a[1][c]);
+    }
+}
+#endif
+
 /* Scores of `rows` query rows (qf, [rows][DIM], scaled) against one transposed key block:
  * s[r][j] = sum_d qf[r][d] * kt[d][j]. Four rows at a time share each load of kt. */
 INLINE void block_scores(const float *restrict qf, const float *restrict kt, float *restrict s, int rows,
@@ -116,7 +208,7 @@ INLINE void block_values(const float *restrict p, const float *restrict vr, floa
  * query_len Q and context C. blocks: the sequence's converted key blocks for this head, each
  * DIM * BLOCK_KEYS floats of K then BLOCK_KEYS * V_DIM of V. work: the task's scratch (qf, acc,
  * s, m, l). */
-INLINE void attend_block(int bf16, const Shape *sh, const void *q, void *out, int64_t row_start, int64_t Q,
+INLINE void attend_block(int bf16, int dot, const Shape *sh, const void *q, void *out, int64_t row_start, int64_t Q,
                          int64_t C, int64_t q0, int nq, int head, const float *blocks, float *work, int DIM,
                          int V_DIM) {
     const size_t per_block = (size_t)BLOCK_KEYS * (DIM + V_DIM);
@@ -128,8 +220,12 @@ INLINE void attend_block(int bf16, const Shape *sh, const void *q, void *out, in
     for (int r = 0; r < rows; r++) {
         const int64_t token = row_start + q0 + r / n_rep;
         const int h = head * n_rep + r % n_rep;
-        load_row(bf16, (const char *)q + ((size_t)token * heads + h) * DIM * elem, qf + (size_t)r * DIM, DIM);
-        for (int d = 0; d < DIM; d++) qf[(size_t)r * DIM + d] *= sh->scale;
+        if (dot) { /* the query's bf16 pairs as they are: the scale multiplies the scores */
+            memcpy((uint32_t *)qf + (size_t)r * DIM / 2, (const char *)q + ((size_t)token * heads + h) * DIM * elem, DIM * 2);
+        } else {
+            load_row(bf16, (const char *)q + ((size_t)token * heads + h) * DIM * elem, qf + (size_t)r * DIM, DIM);
+            for (int d = 0; d < DIM; d++) qf[(size_t)r * DIM + d] *= sh->scale;
+        }
         m[r] = -INFINITY;
         l[r] = 0.0f;
     }
@@ -140,7 +236,11 @@ INLINE void attend_block(int bf16, const Shape *sh, const void *q, void *out, in
     for (int64_t b = b_first; b <= b_last; b++) {
         const int64_t base = b * BLOCK_KEYS;
         const float *kt = blocks + (size_t)b * per_block;
-        block_scores(qf, kt, s, rows, DIM);
+#if BF16_DOT
+        if (dot) block_scores_dot((const uint32_t *)qf, (const uint32_t *)kt, s, rows, DIM, sh->scale);
+        else
+#endif
+            block_scores(qf, kt, s, rows, DIM);
         /* the block is cut for some rows if a key lies past the first query or, with a window,
          * before the last query's window */
         const int cut = base + BLOCK_KEYS - 1 > first_pos || (sh->window > 0 && base <= last_pos - sh->window);
@@ -165,6 +265,7 @@ INLINE void attend_block(int bf16, const Shape *sh, const void *q, void *out, in
             float sum = 0.0f;
             for (int j = lo; j < hi; j++) {
                 sr[j] = exp_nonpositive(sr[j] - top);
+                if (dot) sr[j] = round_to(1, sr[j]); /* the weights vdpbf16ps sums, and their sum */
                 sum += sr[j];
             }
             for (int j = 0; j < lo; j++) sr[j] = 0.0f;
@@ -174,7 +275,11 @@ INLINE void attend_block(int bf16, const Shape *sh, const void *q, void *out, in
             if (correction != 1.0f)
                 for (int i = 0; i < V_DIM; i++) acc[(size_t)r * V_DIM + i] *= correction;
         }
-        block_values(s, kt + (size_t)DIM * BLOCK_KEYS, acc, rows, V_DIM);
+#if BF16_DOT
+        if (dot) block_values_dot(s, (const uint32_t *)kt + (size_t)DIM / 2 * BLOCK_KEYS, acc, rows, V_DIM);
+        else
+#endif
+            block_values(s, kt + (size_t)DIM * BLOCK_KEYS, acc, rows, V_DIM);
     }
     for (int r = 0; r < rows; r++) {
         const int h = head * n_rep + r % n_rep;
@@ -188,9 +293,10 @@ INLINE void attend_block(int bf16, const Shape *sh, const void *q, void *out, in
     }
 }
 
-INLINE void attend_shaped(int bf16, const Shape *sh, const void *q, void *out, int64_t row_start, int64_t Q,
-                          int64_t C, int64_t q0, int nq, int head, const float *blocks, float *work) {
-#define ATTEND(DIM, V_DIM) attend_block(bf16, sh, q, out, row_start, Q, C, q0, nq, head, blocks, work, DIM, V_DIM)
+INLINE void attend_shaped(int bf16, int dot, const Shape *sh, const void *q, void *out, int64_t row_start,
+                          int64_t Q, int64_t C, int64_t q0, int nq, int head, const float *blocks, float *work) {
+#define ATTEND(DIM, V_DIM) \
+    attend_block(bf16, dot, sh, q, out, row_start, Q, C, q0, nq, head, blocks, work, DIM, V_DIM)
     if (sh->dim == 64 && sh->v_dim == 64) ATTEND(64, 64);
     else if (sh->dim == 128 && sh->v_dim == 128) ATTEND(128, 128);
     else ATTEND(sh->dim, sh->v_dim);
@@ -205,6 +311,8 @@ static int run(int bf16, const void *q, const void *k, const void *v, void *out,
         v_dim > MAX_ROW_FLOATS)
         return 1;
     const int n_rep = heads / kv_heads;
+    /* vdpbf16ps where the CPU has it and the shapes pair up */
+    const int dot = BF16_DOT && bf16 && dim % 2 == 0 && v_dim % 16 == 0;
     Shape sh = {heads, kv_heads, n_rep, dim, v_dim, (BLOCK_ROWS + n_rep - 1) / n_rep,
                 k_slot, k_head, v_slot, v_head, scale, softcap, sinks, window};
     /* where each sequence's converted blocks start (in blocks), and its query blocks */
@@ -243,6 +351,12 @@ static int run(int bf16, const void *q, const void *k, const void *v, void *out,
             const int64_t b = local % nb;
             float *kt = converted + (size_t)t * per_block;
             const int64_t C = offsets[s + 1] - offsets[s];
+#if BF16_DOT
+            if (dot)
+                pair_block(&sh, k, v, slots + offsets[s], C, b, head, (uint32_t *)kt,
+                           (uint32_t *)kt + (size_t)dim / 2 * BLOCK_KEYS);
+            else
+#endif
             if (bf16) convert_block(1, &sh, k, v, slots + offsets[s], C, b, head, kt, kt + (size_t)dim * BLOCK_KEYS);
             else convert_block(0, &sh, k, v, slots + offsets[s], C, b, head, kt, kt + (size_t)dim * BLOCK_KEYS);
         }
@@ -264,8 +378,9 @@ static int run(int bf16, const void *q, const void *k, const void *v, void *out,
             const int nq = (int)(Q - q0 < sh.block_queries ? Q - q0 : sh.block_queries);
             const int64_t nb = block_start[s + 1] - block_start[s];
             const float *head_blocks = converted + (size_t)(block_start[s] * kv_heads + head * nb) * per_block;
-            if (bf16) attend_shaped(1, &sh, q, out, row_starts[s], Q, C, q0, nq, head, head_blocks, work);
-            else attend_shaped(0, &sh, q, out, row_starts[s], Q, C, q0, nq, head, head_blocks, work);
+            if (dot) attend_shaped(1, 1, &sh, q, out, row_starts[s], Q, C, q0, nq, head, head_blocks, work);
+            else if (bf16) attend_shaped(1, 0, &sh, q, out, row_starts[s], Q, C, q0, nq, head, head_blocks, work);
+            else attend_shaped(0, 0, &sh, q, out, row_starts[s], Q, C, q0, nq, head, head_blocks, work);
         }
         free(work);
     }
