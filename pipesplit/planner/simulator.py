@@ -170,6 +170,9 @@ class Profile:
     schedule: Linear  # rank 0 per step: Scheduler.schedule + message encoding + Scheduler.complete
     transfer_latency: float  # seconds per hand-off
     transfer_per_byte: float  # seconds per byte
+    # a layer's time while every other core group (cores // threads in all) runs a stage too, over
+    # its time alone: shared memory bandwidth and caches (CPU; 1.0 where not measured)
+    corun_slowdown: float = 1.0
     meta: dict | None = None
 
     def to_json(self) -> dict:
@@ -203,13 +206,14 @@ def load_profile(path: str) -> Profile:
 class ProfileCosts:
     """Step costs from a measured profile: each stage sums its layers' fitted times.
 
-    The profile timed one stage alone; `oversubscription` stretches every stage's compute when the
-    stages share a CPU's cores (see `simulate_on_cpu`).
+    The profile timed one stage alone; `contention` stretches every stage's compute when stages
+    run at the same time on one CPU: they share its memory bandwidth and caches, and beyond its
+    cores its cores too (see `simulate_on_cpu`).
     """
 
     profile: Profile
     spec: ModelSpec
-    oversubscription: float = 1.0
+    contention: float = 1.0
 
     def __post_init__(self) -> None:
         missing = sorted({layer_kind(self.spec, i) for i in range(self.spec.num_layers)} - set(self.profile.layers))
@@ -225,7 +229,7 @@ class ProfileCosts:
             t += p.embedding(shape)
         if last and shape.samples:
             t += p.head(shape)
-        return t * self.oversubscription
+        return t * self.contention
 
     def transfer_seconds(self, num_bytes: int) -> float:
         return self.profile.transfer_latency + self.profile.transfer_per_byte * num_bytes
@@ -571,18 +575,32 @@ def chunk_pipeline_ttft(spec: ModelSpec, partition: Sequence[int], costs: StepCo
 
 def simulate_on_cpu(spec: ModelSpec, partition: Sequence[int], capacity: int, profile: Profile, workload: Workload,
                     config: PipelineConfig = PipelineConfig(), iterations: int = 4) -> SimResult:
-    """`simulate` with a CPU profile, the stages sharing the profiled machine's cores.
+    """`simulate` with a CPU profile, the stages sharing the profiled machine.
 
-    Processor sharing, approximated: while k stages of `threads` threads compute at once on `cores`
-    cores, each runs max(1, k x threads / cores) times slower. k is taken as the mean concurrency
-    (the sum of the stages' busy fractions), found by fixed-point iteration from the uncontended run;
-    a split that leaves stages idle (6,24 or 20,5,5) then suffers less than an even one.
+    Stages that compute at the same time slow each other down. Up to g = cores // threads stages
+    each have their own cores but share memory bandwidth and caches: the profiler measured a
+    layer's time while g - 1 others run (`corun_slowdown`, s), and a stage is stretched by
+    1 + (s - 1) * min(1, (k - 1) / (g - 1)) while k stages compute at once. Beyond g they also
+    share cores (processor sharing): max(1, k x threads / cores) more. k is taken as the mean
+    concurrency (the sum of the stages' busy fractions), found by fixed-point iteration from the
+    uncontended run; a split that leaves stages idle (6,24 or 20,5,5) then suffers less than an
+    even one.
     """
     cores = (profile.meta or {}).get("cpu_count") or 0
     factor = 1.0
     result = simulate(spec, partition, capacity, ProfileCosts(profile, spec, factor), workload, config)
-    if profile.device != "cpu" or cores < 1 or len(partition) * profile.threads <= cores:
+    if profile.device != "cpu" or cores < 1 or len(partition) == 1:
         return result
+    groups = max(1, cores // profile.threads)
+    for _ in range(iterations):
+        concurrency = sum(result.stage_busy)
+        shared = 1.0 if groups == 1 else min(1.0, max(0.0, concurrency - 1) / (groups - 1))
+        wanted = (1 + (profile.corun_slowdown - 1) * shared) * max(1.0, concurrency * profile.threads / cores)
+        if abs(wanted - factor) < 0.01:
+            break
+        factor = (factor + wanted) / 2 if wanted < factor else wanted
+        result = simulate(spec, partition, capacity, ProfileCosts(profile, spec, factor), workload, config)
+    return result
     for _ in range(iterations):
         concurrency = sum(result.stage_busy)
         wanted = max(1.0, concurrency * profile.threads / cores)

@@ -6,7 +6,9 @@ that layer, run on real `AttentionBatch`es over its own KV pool), the embedding 
 without layers), the final norm + lm_head + sampling (a last stage without layers), each stage's
 per-step bookkeeping (`AttentionBatch.for_sequences` and the step message), rank 0's scheduling
 (`Scheduler.schedule`, message encoding, `Scheduler.complete`), and the stage-to-stage transfer by
-bytes (gloo or NCCL between two local processes). Every measurement is a median of repeats.
+bytes (gloo or NCCL between two local processes), and on a CPU how much slower a layer runs while
+stages in other processes compute on the other cores (`corun_slowdown`: they share the memory
+bandwidth and caches). Every measurement is a median of repeats.
 """
 
 from __future__ import annotations
@@ -243,6 +245,77 @@ def _transfer_times(device: str, repeats: int) -> list[float]:
             peer.kill()
 
 
+# -- co-running stages (CPU) -----------------------------------------------------------------------------
+# A decode batch and a prefill chunk, timed alone and while other processes run the same layer.
+CORUN_BATCHES = ([(257, 1, True)] * 32, [(256, 256, True)])
+
+
+def _corun_runs(model: str, dtype: torch.dtype) -> list[Callable[[], object]]:
+    """One decoder layer (the model's first) on each of CORUN_BATCHES, ready to run."""
+    from pipesplit.runtime.loader import load_stage, resolve_model
+    from pipesplit.runtime.models import kv_cache_shapes
+
+    source = resolve_model(model)
+    spec, device = source.spec, torch.device("cpu")
+    stage = load_stage(source, spec, (0, 1), False, False, dtype, device).eval()
+    slots = max(sum(c for c, _, _ in b) for b in CORUN_BATCHES)
+    pools = allocate_pools([0], kv_cache_shapes(spec), slots, dtype, device)
+    for pool in pools[0]:
+        pool.normal_()
+    runs = []
+    for batch in CORUN_BATCHES:
+        ab = _attention_batch(batch, device)
+        h = torch.randn(ab.num_tokens, spec.hidden_size, dtype=dtype)
+        runs.append(lambda h=h, ab=ab: stage(h, ab, pools))
+    return runs
+
+
+def corun_peer(model: str, dtype: str, threads: int, seconds: float) -> None:
+    """A co-runner: the same layer in a loop for `seconds` (run in its own process by
+    _corun_slowdown; it says "ready" once warm)."""
+    torch.set_num_threads(threads)
+    runs = _corun_runs(model, DTYPES[dtype])
+    deadline = time.monotonic() + seconds
+    with torch.inference_mode():
+        for run in runs:
+            run()
+        print("ready", flush=True)
+        while time.monotonic() < deadline:
+            for run in runs:
+                run()
+
+
+def _corun_slowdown(model: str, dtype: str, threads: int, repeats: int) -> float:
+    """A layer's time while every other group of `threads` cores runs the same layer in its own
+    process, over its time alone (geometric mean over CORUN_BATCHES; 1.0 without other groups)."""
+    others = (os.cpu_count() or 1) // threads - 1
+    if others < 1:
+        return 1.0
+    runs = _corun_runs(model, DTYPES[dtype])
+    device = torch.device("cpu")
+    repeats = max(repeats, 10)
+    with torch.inference_mode():
+        alone = [_median_seconds(run, device, repeats) for run in runs]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    code = f"from pipesplit.runtime.profile import corun_peer; corun_peer({model!r}, {dtype!r}, {threads}, 600)"
+    peers = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(others)]
+    try:
+        for peer in peers:
+            if peer.stdout.readline().strip() != "ready":
+                raise UserError(f"a co-running profile process exited ({peer.wait()}) before it was ready")
+        with torch.inference_mode():
+            together = [_median_seconds(run, device, repeats) for run in runs]
+    finally:
+        for peer in peers:
+            peer.kill()
+            peer.wait()
+    ratio = 1.0
+    for a, t in zip(alone, together):
+        ratio *= t / a
+    return max(1.0, ratio ** (1 / len(alone)))
+
+
 def _linear_fit_1d(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     """y = a + b x, relative least squares, a and b >= 0."""
     shapes = [StepShape(int(x), 0, 0, 0, 0) for x in xs]
@@ -280,6 +353,10 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
     log("profiling stage-to-stage transfer")
     transfer = _transfer_times(device, max(repeats, 20))
     latency, per_byte = _linear_fit_1d(TRANSFER_BYTES, transfer)
+    corun = 1.0
+    if device == "cpu":
+        log("profiling a layer beside co-running stages")
+        corun = _corun_slowdown(model, dtype, threads, repeats)
 
     layer_features = ("base", "per_token", "per_seq", "per_attention", "per_context")
     raw = {
@@ -305,6 +382,7 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         schedule=fit(sc_shapes, sc_seconds, ("base", "per_token", "per_seq")),
         transfer_latency=latency,
         transfer_per_byte=per_byte,
+        corun_slowdown=corun,
         meta={"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "repeats": repeats, "measurements": raw},
     )
@@ -320,5 +398,6 @@ def profile_command(args) -> int:
     with open(args.out, "w") as f:
         json.dump(profile.to_json(), f, indent=1)
     print(f"wrote {args.out}: {profile.model} on {profile.device} ({profile.dtype}, {profile.threads} threads), "
-          f"{len(profile.layers)} layer kind(s), measured in {profile.meta['seconds']} s")
+          f"{len(profile.layers)} layer kind(s), co-run slowdown {profile.corun_slowdown:.2f}, "
+          f"measured in {profile.meta['seconds']} s")
     return 0

@@ -343,3 +343,24 @@ def test_cpu_stages_sharing_cores_compute_slower():
     assert shared.output_tokens_per_s < alone.output_tokens_per_s / 2
     assert ProfileCosts(profile(2), SMOL, 1.5).stage_seconds(1, (0, 2), False, False, StepShape(1, 1, 1, 1, 0)) \
         == pytest.approx(3e-3)
+
+
+def test_co_running_cpu_stages_slow_each_other_by_the_measured_factor():
+    """Two stages with a core each share memory bandwidth: the profile's corun_slowdown stretches
+    their compute by up to that factor, by how often both compute at once."""
+    import dataclasses
+
+    from pipesplit.planner.simulator import simulate_on_cpu
+
+    base = Profile("m", "cpu", "float32", 1, 8, 4, {"dense": Linear(base=1e-3)}, Linear(), Linear(), Linear(),
+                   Linear(), 0.0, 0.0, meta={"cpu_count": 2})
+    w = Workload(24, (8, 8), (30, 30))
+    alone = simulate_on_cpu(SMOL, (15, 15), 10_000, base, w)
+    assert alone == simulate(SMOL, (15, 15), 10_000, ProfileCosts(base, SMOL), w)  # no slowdown measured
+    slowed = simulate_on_cpu(SMOL, (15, 15), 10_000, dataclasses.replace(base, corun_slowdown=1.5), w)
+    ratio = alone.output_tokens_per_s / slowed.output_tokens_per_s
+    assert 1.1 < ratio <= 1.5 + 1e-9  # both stages are busy most of the time, never more than measured
+    # one stage does nearly everything: the other rarely competes with it
+    skewed_alone = simulate_on_cpu(SMOL, (29, 1), 10_000, base, w)
+    skewed = simulate_on_cpu(SMOL, (29, 1), 10_000, dataclasses.replace(base, corun_slowdown=1.5), w)
+    assert skewed_alone.output_tokens_per_s / skewed.output_tokens_per_s < ratio

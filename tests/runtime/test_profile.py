@@ -54,6 +54,7 @@ def test_profile_command_measures_every_layer_kind(tiny_checkpoints, tiny_moe_ch
     raw = json.loads(out.read_text())["meta"]["measurements"]
     assert all(row[-1] > 0 for rows in raw["layers"].values() for row in rows)
     assert profile.transfer_latency + profile.transfer_per_byte > 0
+    assert profile.corun_slowdown >= 1.0  # measured beside a co-running process where cores allow
     costs = ProfileCosts(profile, load_spec(str(folder)))
     shape = StepShape(8, 8, 100, 100, 8)
     assert costs.stage_seconds(0, (0, 1), True, False, shape) > 0
