@@ -279,16 +279,20 @@ def test_rotary_matches_its_formula(dtype, tolerance, heads, dim):
 
 @needs_kernel
 def test_element_wise_kernels_give_the_same_answer_on_any_thread_count():
+    """Over SERIAL_ROWS rows the rows are split over the threads; at or under it one thread runs."""
     gen = torch.Generator().manual_seed(9)
-    x = torch.randn(64, 576, generator=gen).to(torch.bfloat16)
+    rows = 2 * kernels.SERIAL_ROWS + 3
+    x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
     weight = torch.randn(576, generator=gen).to(torch.bfloat16)
-    cos, sin = torch.randn(64, 64, generator=gen).to(torch.bfloat16), torch.randn(64, 64, generator=gen).to(torch.bfloat16)
+    cos = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+    sin = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
     threads = torch.get_num_threads()
     answers = []
     try:
         for n in (1, 4):
             torch.set_num_threads(n)
-            answers.append((kernels.rms_norm(x, weight, 1e-5), kernels.rotary(x.view(64, 9, 64), cos, sin)))
+            answers.append((kernels.rms_norm(x, weight, 1e-5), kernels.rotary(x.view(rows, 9, 64), cos, sin),
+                            kernels.rms_norm(x[:5], weight, 1e-5)))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*answers))
