@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipesplit.errors import UserError
 from pipesplit.planner.plan import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING_REQUESTS, Plan
@@ -89,6 +89,10 @@ class _InFlight:
     batch: ScheduledBatch
     sends: list
     started: float
+    reply: Any = None  # the last stage's answer (sampled tokens, stage times), once asked for
+    receiving: Any = None  # its irecv, which the reply waiter thread waits on
+    arrived: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None  # what the receive raised
 
 
 class IncrementalText:
@@ -375,6 +379,11 @@ class Engine:
         self.scheduler = Scheduler(self.scheduler_config, self.allocator, cache, windows)
         self.max_context = min(self.stage.spec.max_position_embeddings, self.capacity)
         self._inflight: collections.deque[_InFlight] = collections.deque()
+        self._replies_awaited: queue.SimpleQueue = queue.SimpleQueue()
+        self._reply_waiter = None
+        if self.num_stages > 1:
+            self._reply_waiter = threading.Thread(target=self._await_replies, daemon=True, name="pipesplit-replies")
+            self._reply_waiter.start()
         self._thread = threading.Thread(target=self._run, daemon=True, name="pipesplit-engine")
         self._thread.start()
 
@@ -412,6 +421,8 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._reply_waiter is not None and (self._thread is None or not self._thread.is_alive()):
+            self._reply_waiter.join(timeout)  # it ends once the engine thread has ended
 
     def usage(self) -> dict[str, int]:
         return {
@@ -434,7 +445,7 @@ class Engine:
                     self._launch(batch)
                     last_sent = time.monotonic()
                 elif self._inflight:
-                    self._complete_oldest()
+                    self._complete_oldest(responsive=len(self._inflight) < self.scheduler_config.micro_batches)
                 elif time.monotonic() - last_sent > HEARTBEAT_SECONDS or self.scheduler.pending_release():
                     # Idle stages wait in recv, which times out: keep them fed, and pass releases on.
                     self._send_release()
@@ -452,6 +463,8 @@ class Engine:
             if self.error is None:
                 self.error = exc
             self._fail_all(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._replies_awaited.put(None)  # the reply waiter thread ends
 
     def _drain_inbox(self) -> None:
         while True:
@@ -493,17 +506,42 @@ class Engine:
         sends = self.link.send_step(message, out, timings, 1)
         self._inflight.append(_InFlight(batch, sends, started))
 
-    def _complete_oldest(self) -> None:
-        torch = self._torch
-        flight = self._inflight.popleft()
+    def _complete_oldest(self, responsive: bool = False) -> None:
+        """Takes the oldest step's answer from the last stage and completes it. `responsive`: returns
+        early, the step still in flight, if a request or an abort arrives first (a micro-batch slot
+        is free: its prefill can start on stage 0 now rather than after the answer)."""
+        flight = self._inflight[0]
         n = flight.batch.message.num_samples
-        reply = torch.empty(n + self.num_stages, dtype=torch.float64, device=self.link.device)
-        torch.distributed.recv(reply, self.num_stages - 1)
+        if flight.receiving is None:
+            torch = self._torch
+            flight.reply = torch.empty(n + self.num_stages, dtype=torch.float64, device=self.link.device)
+            flight.receiving = torch.distributed.irecv(flight.reply, self.num_stages - 1)
+            self._replies_awaited.put(flight)
+        if responsive and not flight.arrived.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if not flight.arrived.is_set():
+                return
+        flight.arrived.wait()
+        if flight.error is not None:
+            raise flight.error
+        self._inflight.popleft()
         for work, _ in flight.sends:
             work.wait()
-        reply = reply.cpu()
+        reply = flight.reply.cpu()
         self._record_step_times(reply[n:].tolist())
         self._complete(flight.batch, [int(t) for t in reply[:n].tolist()])
+
+    def _await_replies(self) -> None:
+        """The reply waiter thread: waits in each posted receive (a gloo receive cannot be polled)
+        and wakes the engine thread when it completes."""
+        while (flight := self._replies_awaited.get()) is not None:
+            try:
+                flight.receiving.wait()
+            except BaseException as exc:  # noqa: BLE001 -- raised again in the engine thread
+                flight.error = exc
+            flight.arrived.set()
+            self._wake.set()
 
     def _record_step_times(self, seconds: list[float]) -> None:
         # An exponential moving average keeps /metrics readable under bursty load.
