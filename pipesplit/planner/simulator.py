@@ -601,11 +601,3 @@ def simulate_on_cpu(spec: ModelSpec, partition: Sequence[int], capacity: int, pr
         factor = (factor + wanted) / 2 if wanted < factor else wanted
         result = simulate(spec, partition, capacity, ProfileCosts(profile, spec, factor), workload, config)
     return result
-    for _ in range(iterations):
-        concurrency = sum(result.stage_busy)
-        wanted = max(1.0, concurrency * profile.threads / cores)
-        if abs(wanted - factor) < 0.01:
-            break
-        factor = (factor + wanted) / 2 if wanted < factor else wanted
-        result = simulate(spec, partition, capacity, ProfileCosts(profile, spec, factor), workload, config)
-    return result

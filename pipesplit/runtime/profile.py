@@ -96,29 +96,36 @@ def fit(shapes: Sequence[StepShape], seconds: Sequence[float], features: Sequenc
     return Linear()
 
 
-def _layer_times(spec, source, dtype, device, repeats) -> dict[str, tuple[list[StepShape], list[float]]]:
+def _layer_runs(source, spec, index: int, batches, dtype, device) -> list[Callable[[], object]]:
+    """Decoder layer `index` alone (a stage built by the loader holding just that layer, over its
+    own KV pool of random values) on each of `batches`, ready to run under inference_mode."""
     from pipesplit.runtime.loader import load_stage
     from pipesplit.runtime.models import kv_cache_shapes
 
-    batches = _shapes()
+    stage = load_stage(source, spec, (index, index + 1), False, False, dtype, device).eval()
     slots = max(sum(c for c, _, _ in b) for b in batches)
+    pools = allocate_pools([index], kv_cache_shapes(spec), slots, dtype, device)
+    for pool in pools[index]:
+        pool.normal_()
+    runs = []
+    for batch in batches:
+        ab = _attention_batch(batch, device)
+        h = torch.randn(ab.num_tokens, spec.hidden_size, dtype=dtype, device=device)
+        runs.append(lambda h=h, ab=ab: stage(h, ab, pools))
+    return runs
+
+
+def _layer_times(spec, source, dtype, device, repeats) -> dict[str, tuple[list[StepShape], list[float]]]:
+    batches = _shapes()
     kinds: dict[str, int] = {}
     for i in range(spec.num_layers):
         kinds.setdefault(layer_kind(spec, i), i)
     out = {}
     for kind, index in kinds.items():
-        stage = load_stage(source, spec, (index, index + 1), False, False, dtype, device).eval()
-        pools = allocate_pools([index], kv_cache_shapes(spec), slots, dtype, device)
-        for pool in pools[index]:
-            pool.normal_()
-        shapes, seconds = [], []
-        for batch in batches:
-            ab = _attention_batch(batch, device)
-            h = torch.randn(ab.num_tokens, spec.hidden_size, dtype=dtype, device=device)
-            with torch.inference_mode():
-                seconds.append(_median_seconds(lambda: stage(h, ab, pools), device, repeats))
-            shapes.append(_shape(batch))
-        out[kind] = (shapes, seconds)
+        runs = _layer_runs(source, spec, index, batches, dtype, device)
+        with torch.inference_mode():
+            seconds = [_median_seconds(run, device, repeats) for run in runs]
+        out[kind] = ([_shape(batch) for batch in batches], seconds)
     return out
 
 
@@ -251,23 +258,11 @@ CORUN_BATCHES = ([(257, 1, True)] * 32, [(256, 256, True)])
 
 
 def _corun_runs(model: str, dtype: torch.dtype) -> list[Callable[[], object]]:
-    """One decoder layer (the model's first) on each of CORUN_BATCHES, ready to run."""
-    from pipesplit.runtime.loader import load_stage, resolve_model
-    from pipesplit.runtime.models import kv_cache_shapes
+    """The model's first decoder layer on each of CORUN_BATCHES, ready to run."""
+    from pipesplit.runtime.loader import resolve_model
 
     source = resolve_model(model)
-    spec, device = source.spec, torch.device("cpu")
-    stage = load_stage(source, spec, (0, 1), False, False, dtype, device).eval()
-    slots = max(sum(c for c, _, _ in b) for b in CORUN_BATCHES)
-    pools = allocate_pools([0], kv_cache_shapes(spec), slots, dtype, device)
-    for pool in pools[0]:
-        pool.normal_()
-    runs = []
-    for batch in CORUN_BATCHES:
-        ab = _attention_batch(batch, device)
-        h = torch.randn(ab.num_tokens, spec.hidden_size, dtype=dtype)
-        runs.append(lambda h=h, ab=ab: stage(h, ab, pools))
-    return runs
+    return _layer_runs(source, source.spec, 0, CORUN_BATCHES, dtype, torch.device("cpu"))
 
 
 def corun_peer(model: str, dtype: str, threads: int, seconds: float) -> None:

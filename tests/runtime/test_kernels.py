@@ -51,10 +51,15 @@ def contexts_for(lengths, num_slots, gen):
     return contexts
 
 
-def run_kernel(q, k_pool, v_pool, contexts, scale, **options):
+def flat_contexts(contexts):
+    """The kernels' view of the contexts: their slots concatenated, and where each one starts."""
     slots = torch.tensor([s for c in contexts for s in c], dtype=torch.long)
     offsets = torch.tensor([0] + [len(c) for c in contexts], dtype=torch.long).cumsum(0)
-    return kernels.decode_attention(q, k_pool, v_pool, slots, offsets, scale, **options)
+    return slots, offsets
+
+
+def run_kernel(q, k_pool, v_pool, contexts, scale, **options):
+    return kernels.decode_attention(q, k_pool, v_pool, *flat_contexts(contexts), scale, **options)
 
 
 def test_the_kernel_builds_where_a_compiler_exists():
@@ -64,11 +69,14 @@ def test_the_kernel_builds_where_a_compiler_exists():
 
 
 needs_kernel = pytest.mark.skipif(not kernels.status().available, reason=kernels.status().detail)
+BY_DTYPE = pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
+                                   ids=["float32", "bfloat16"])
+BY_HEAD_SHAPE = pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 2, 8), (4, 4, 128), (8, 1, 24)])
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 2, 8), (4, 4, 128), (8, 1, 24)])
+@BY_DTYPE
+@BY_HEAD_SHAPE
 @pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (7, None, False), (None, 30.0, False),
                                                    (None, None, True), (5, 20.0, True)])
 def test_decode_attention_matches_reference(dtype, tolerance, heads, kv_heads, dim, window, softcap, sinks):
@@ -84,7 +92,7 @@ def test_decode_attention_matches_reference(dtype, tolerance, heads, kv_heads, d
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
+@BY_DTYPE
 def test_decode_attention_over_a_latent_pool(dtype, tolerance):
     """MLA's absorbed form: one latent per slot is the key (latent + rope part), its first
     `rank` values the value, read through a strided view of the same pool."""
@@ -131,8 +139,7 @@ def prefill_reference(q, k_pool, v_pool, contexts, query_lens, scale, window=Non
 
 
 def run_prefill(q, k_pool, v_pool, contexts, query_lens, scale, **options):
-    slots = torch.tensor([s for c in contexts for s in c], dtype=torch.long)
-    offsets = torch.tensor([0] + [len(c) for c in contexts], dtype=torch.long).cumsum(0)
+    slots, offsets = flat_contexts(contexts)
     row_starts = torch.tensor([0, *query_lens[:-1]], dtype=torch.long).cumsum(0)
     out = q.new_full((q.shape[0], q.shape[1], v_pool.shape[2]), float("nan"))
     kernels.prefill_attention(q, k_pool, v_pool, out, slots, offsets, row_starts,
@@ -141,8 +148,8 @@ def run_prefill(q, k_pool, v_pool, contexts, query_lens, scale, **options):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 2, 8), (4, 4, 128), (8, 1, 24)])
+@BY_DTYPE
+@BY_HEAD_SHAPE
 @pytest.mark.parametrize("window,softcap,sinks", [(None, None, False), (7, None, False), (None, 30.0, False),
                                                    (None, None, True), (70, 20.0, True)])
 def test_prefill_attention_matches_reference(dtype, tolerance, heads, kv_heads, dim, window, softcap, sinks):

@@ -39,7 +39,6 @@ HEADERS = (FOLDER / "common.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast")
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
-_ENTRIES = {dtype: f"decode_attention_{suffix}" for dtype, suffix in _SUFFIX.items()}
 MAX_STACK_FLOATS = 65536  # as in decode_attention.c: a task's query and accumulator floats
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _ARGTYPES = {
@@ -143,7 +142,7 @@ def supports(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> boo
     """Whether decode_attention can serve these tensors (CPU, float32 or bfloat16, rows contiguous)."""
     return (
         q.device.type == "cpu"
-        and q.dtype in _ENTRIES
+        and q.dtype in _SUFFIX
         and k_pool.dtype == v_pool.dtype == q.dtype
         and k_pool.stride(-1) == 1
         and v_pool.stride(-1) == 1
@@ -151,6 +150,33 @@ def supports(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> boo
         and q.shape[1] // k_pool.shape[1] * (q.shape[2] + v_pool.shape[2]) <= MAX_STACK_FLOATS
         and _library()[0] is not None
     )
+
+
+# Element-wise kernels over fewer rows run on one thread: at 16-48 rows (decode steps) a second
+# thread saves 1-4 us, and an OpenMP team then waits for whichever of its threads the OS has
+# descheduled (in `serve`, the event loop shares the cores).
+SERIAL_ROWS = 64
+
+
+def _call(name: str, dtype: torch.dtype, *args, rows: int | None = None) -> None:
+    """The kernel `name` for `dtype` on torch's thread count (on one thread for an element-wise
+    kernel over at most SERIAL_ROWS `rows`); raises if the library is missing or the kernel fails."""
+    library = _library()[0]
+    if library is None:
+        raise RuntimeError(status().detail)
+    threads = 1 if rows is not None and rows <= SERIAL_ROWS else torch.get_num_threads()
+    code = getattr(library, f"{name}_{_SUFFIX[dtype]}")(*args, threads)
+    if code != 0:
+        raise RuntimeError(f"{name} failed with code {code}")
+
+
+def _sinks_f32(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention kernels' sink logits: float32, contiguous (kept alive by the caller)."""
+    return None if sinks is None else sinks.detach().to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def decode_attention(
@@ -166,24 +192,16 @@ def decode_attention(
 ) -> torch.Tensor:
     """q [S, heads, dim] (one query per sequence) over the pools' rows `slots[offsets[s]:offsets[s+1]]`
     (int64, the context of sequence s, in order). Returns [S, heads, v_dim]."""
-    library = _library()[0]
-    if library is None:
-        raise RuntimeError(status().detail)
     q = q.contiguous()
     num_seqs, heads, dim = q.shape
     kv_heads, v_dim = k_pool.shape[1], v_pool.shape[2]
     if k_pool.shape[2] != dim or heads % kv_heads or offsets.numel() != num_seqs + 1:
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, k_pool {tuple(k_pool.shape)}, {offsets.numel()} offsets")
     out = q.new_empty(num_seqs, heads, v_dim)
-    sink_values = None if sinks is None else sinks.detach().to(torch.float32).contiguous()
-    code = getattr(library, _ENTRIES[q.dtype])(
-        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), out.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
-        num_seqs, heads, kv_heads, dim, v_dim, k_pool.stride(0), k_pool.stride(1), v_pool.stride(0),
-        v_pool.stride(1), scale, softcap or 0.0, None if sink_values is None else sink_values.data_ptr(),
-        window or 0, torch.get_num_threads(),
-    )
-    if code != 0:
-        raise RuntimeError(f"decode_attention failed with code {code}")
+    sink_values = _sinks_f32(sinks)
+    _call("decode_attention", q.dtype, q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), out.data_ptr(),
+          slots.data_ptr(), offsets.data_ptr(), num_seqs, heads, kv_heads, dim, v_dim, k_pool.stride(0),
+          k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), scale, softcap or 0.0, _ptr(sink_values), window or 0)
     return out
 
 
@@ -205,9 +223,6 @@ def prefill_attention(
     the sequences s whose query_lens[s] new tokens are rows row_starts[s] .. of q and the last
     tokens of their contexts, the pools' rows slots[offsets[s]:offsets[s+1]] (int64, in order).
     Rows of `out` no sequence owns are left as they are."""
-    library = _library()[0]
-    if library is None:
-        raise RuntimeError(status().detail)
     num_seqs = query_lens.numel()
     heads, dim = q.shape[1], q.shape[2]
     kv_heads, v_dim = k_pool.shape[1], v_pool.shape[2]
@@ -216,15 +231,11 @@ def prefill_attention(
             or row_starts.numel() != num_seqs):
         raise ValueError(f"prefill_attention: q {tuple(q.shape)}, out {tuple(out.shape)}, k_pool {tuple(k_pool.shape)}, "
                          f"{offsets.numel()} offsets for {num_seqs} sequences")
-    sink_values = None if sinks is None else sinks.detach().to(torch.float32).contiguous()
-    code = getattr(library, f"prefill_attention_{_SUFFIX[q.dtype]}")(
-        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), out.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
-        row_starts.data_ptr(), query_lens.data_ptr(), num_seqs, heads, kv_heads, dim, v_dim, k_pool.stride(0),
-        k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), scale, softcap or 0.0,
-        None if sink_values is None else sink_values.data_ptr(), window or 0, torch.get_num_threads(),
-    )
-    if code != 0:
-        raise RuntimeError(f"prefill_attention failed with code {code}")
+    sink_values = _sinks_f32(sinks)
+    _call("prefill_attention", q.dtype, q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), out.data_ptr(),
+          slots.data_ptr(), offsets.data_ptr(), row_starts.data_ptr(), query_lens.data_ptr(), num_seqs, heads,
+          kv_heads, dim, v_dim, k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), scale,
+          softcap or 0.0, _ptr(sink_values), window or 0)
 
 
 # -- element-wise kernels ----------------------------------------------------------------------------
@@ -240,22 +251,6 @@ def rows_supported(*tensors: torch.Tensor) -> bool:
     )
 
 
-# Element-wise kernels over fewer rows run on one thread: at 16-48 rows (decode steps) a second
-# thread saves 1-4 us, and an OpenMP team then waits for whichever of its threads the OS has
-# descheduled (in `serve`, the event loop shares the cores).
-SERIAL_ROWS = 64
-
-
-def _call(name: str, dtype: torch.dtype, rows: int, *args) -> None:
-    library = _library()[0]
-    if library is None:
-        raise RuntimeError(status().detail)
-    threads = 1 if rows <= SERIAL_ROWS else torch.get_num_threads()
-    code = getattr(library, f"{name}_{_SUFFIX[dtype]}")(*args, threads)
-    if code != 0:
-        raise RuntimeError(f"{name} failed with code {code}")
-
-
 def _row_stride(x: torch.Tensor) -> int:
     """Elements between rows (along dim 0) of a tensor whose rows are each contiguous."""
     return x.stride(0) if x.shape[0] > 1 else math.prod(x.shape[1:])
@@ -268,9 +263,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     weight = weight.contiguous()
     out = x.new_empty(rows, dim)
     total = None if residual is None else x.new_empty(rows, dim)
-    _call("rms_norm", x.dtype, rows, x.data_ptr(), _row_stride(x), None if residual is None else residual.data_ptr(),
-          0 if residual is None else _row_stride(residual), weight.data_ptr(), out.data_ptr(),
-          None if total is None else total.data_ptr(), rows, dim, eps)
+    _call("rms_norm", x.dtype, x.data_ptr(), _row_stride(x), _ptr(residual),
+          0 if residual is None else _row_stride(residual), weight.data_ptr(), out.data_ptr(), _ptr(total), rows, dim,
+          eps, rows=rows)
     return out if residual is None else (out, total)
 
 
@@ -281,5 +276,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if x.stride(1) != dim or not (cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError("rotary needs each token's heads packed and contiguous cos/sin tables")
     out = x.new_empty(tokens, heads, dim)
-    _call("rotary", x.dtype, tokens, x.data_ptr(), _row_stride(x), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim)
+    _call("rotary", x.dtype, x.data_ptr(), _row_stride(x), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads,
+          dim, rows=tokens)
     return out

@@ -30,6 +30,14 @@ INLINE void prefetch_row(const char *row, size_t bytes) {
     for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
 }
 
+/* The K and V rows of (slot, head), asked for during the score pass: the V rows are then in cache
+ * when the value pass reads them. */
+INLINE void prefetch_kv(const void *k, const void *v, int64_t slot, int head, int dim, int v_dim, int64_t k_slot,
+                        int64_t k_head, int64_t v_slot, int64_t v_head, size_t elem) {
+    prefetch_row((const char *)k + (size_t)(slot * k_slot + head * k_head) * elem, (size_t)dim * elem);
+    prefetch_row((const char *)v + (size_t)(slot * v_slot + head * v_head) * elem, (size_t)v_dim * elem);
+}
+
 #if BF16_DOT
 /* scores[r * context + j] = scale * q_r . k_j for bfloat16 rows with dim % 32 == 0: products
  * summed by vdpbf16ps straight from the pool's rows (exact products, float32 sums), no
@@ -41,10 +49,8 @@ INLINE void bf16_scores(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     __m512bh qv[n_rep * chunks];
     for (int c = 0; c < n_rep * chunks; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
     for (int64_t j = 0; j < context; j++) {
-        if (j + PREFETCH_ROWS < context) {
-            prefetch_row((const char *)(k + slots[j + PREFETCH_ROWS] * k_slot + head * k_head), dim * 2);
-            prefetch_row((const char *)(v + slots[j + PREFETCH_ROWS] * v_slot + head * v_head), v_dim * 2);
-        }
+        if (j + PREFETCH_ROWS < context)
+            prefetch_kv(k, v, slots[j + PREFETCH_ROWS], head, dim, v_dim, k_slot, k_head, v_slot, v_head, 2);
         const uint16_t *row = k + slots[j] * k_slot + head * k_head;
         __m512bh kv[chunks];
         for (int c = 0; c < chunks; c++) kv[c] = (__m512bh)_mm512_loadu_si512(row + 32 * c);
@@ -81,7 +87,7 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
         }
         for (int64_t j = 0; j < context; j++) {
             if (j + PREFETCH_ROWS < context)
-                prefetch_row(kb + (size_t)(slots[j + PREFETCH_ROWS] * k_slot + head * k_head) * elem, dim * elem);
+                prefetch_kv(k, v, slots[j + PREFETCH_ROWS], head, dim, v_dim, k_slot, k_head, v_slot, v_head, elem);
             load_row(bf16, kb + (size_t)(slots[j] * k_slot + head * k_head) * elem, row, dim);
             for (int r = 0; r < n_rep; r++) {
                 float dot = 0.0f;
@@ -106,7 +112,6 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
     }
     memset(acc, 0, sizeof acc);
     for (int64_t j = 0; j < context; j++) {
-        if (j + PREFETCH_ROWS < context) prefetch_row(vb + (size_t)(slots[j + PREFETCH_ROWS] * v_slot + head * v_head) * elem, v_dim * elem);
         load_row(bf16, vb + (size_t)(slots[j] * v_slot + head * v_head) * elem, row, v_dim);
         for (int r = 0; r < n_rep; r++) {
             const float p = scores[r * context + j];

@@ -566,8 +566,7 @@ def _native_attention(q, k_pool, v_pool, batch: AttentionBatch, scale: float, wi
     query) with decode_attention, prefill chunks with prefill_attention."""
     tokens, heads, _ = q.shape
     v_dim = v_pool.shape[2]
-    rows = batch.memo("native_rows", lambda: _native_rows(batch))
-    decodes, prefills = rows
+    decodes, prefills = batch.memo("native_rows", lambda: _native_rows(batch))
     if decodes is not None:
         q_decode = q if decodes.rows is None else q.index_select(0, decodes.rows)
         o = kernels.decode_attention(q_decode, k_pool, v_pool, decodes.slots, decodes.offsets, scale, window,
