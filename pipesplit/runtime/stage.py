@@ -76,7 +76,7 @@ class Stage:
     def __init__(self, config: RunConfig, rank: int, device: torch.device) -> None:
         from pipesplit.runtime.loader import load_stage, resolve_model
         from pipesplit.runtime.models import kv_cache_shapes
-        from pipesplit.runtime.models.layers import warm_gemms
+        from pipesplit.runtime.models.layers import pack_gemm_weights, warm_gemms
 
         self.config = config
         self.rank = rank
@@ -99,7 +99,8 @@ class Stage:
             )
         self.model.eval()
         self.load_seconds = time.perf_counter() - started
-        if device.type == "cpu":  # after the load time: building the GEMM kernels is not loading
+        if device.type == "cpu":  # after the load time: packing and building the GEMM kernels is not loading
+            pack_gemm_weights(self.model)
             warm_gemms(self.model, config.max_step_tokens, config.max_step_samples)
         self.param_bytes = live_weight_bytes(self.model)
 
@@ -216,10 +217,16 @@ def load_progress(plan: StagePlan, num_stages: int, wanted: bool):
 
 def live_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of what the stage holds as weights: parameters and persistent buffers (a router's
-    score-correction bias is one), each storage counted once (a tied head shares the embedding)."""
+    score-correction bias is one), each storage counted once (a tied head shares the embedding),
+    and the packed fused GEMM weights whose parts are shape-only parameters (`pack_gemm_weights`)."""
+    from pipesplit.runtime.models.layers import fused_gemm_weights
+
     seen, total = set(), 0
-    for tensor in model.state_dict(keep_vars=True).values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+    for tensor in [*model.state_dict(keep_vars=True).values(), *fused_gemm_weights(model)]:
+        if tensor.is_meta:
+            continue
+        # a packed (opaque) tensor has no storage to look at: each is its own
+        key = id(tensor) if tensor.is_mkldnn else (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()

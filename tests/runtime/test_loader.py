@@ -325,3 +325,45 @@ def test_byte_level_tokenizer_folder_of_the_tiny_text_model(tiny_text_checkpoint
     text = "naïve 東京 🙂"
     assert ours.encode(text) == reference.encode(text) == list(text.encode())
     assert ours.decode(list("🙂".encode())[:3]) == "\ufffd" and ours.chat_template is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_gemm_weights_compute_the_same_logits_in_the_same_bytes(tiny_checkpoints, dtype):
+    """pack_gemm_weights (what a CPU Stage runs after loading) against the plain stage: the same
+    logits from oneDNN's packed weights, the same weight bytes held, the fused parts shape-only."""
+    from pipesplit.runtime.models.layers import AttentionBatch, can_pack, linear, pack_gemm_weights, pack_weight
+
+    source = resolve_model(str(tiny_checkpoints["qwen2"]))  # q/k/v biases
+    spec = source.spec
+    if not can_pack(torch.zeros(2, 2, dtype=dtype)):
+        pytest.skip(f"oneDNN does not pack {dtype} weights on this CPU")
+    plain = load_stage(source, spec, (0, spec.num_layers), True, True, dtype)
+    packed = load_stage(source, spec, (0, spec.num_layers), True, True, dtype)
+    held = live_weight_bytes(packed)
+    assert pack_gemm_weights(packed) > 0
+    assert live_weight_bytes(packed) == held
+    attention = [m for m in packed.modules() if isinstance(m, GQAttention)]
+    assert all(m.qkv[0].is_mkldnn and m.q_proj.weight.is_meta for m in attention)
+    assert all(m.o_proj.weight.is_mkldnn for m in attention)
+
+    from pipesplit.runtime.models import kv_cache_shapes
+
+    def logits(stage):
+        torch.manual_seed(0)
+        cache = {i: tuple(torch.zeros(64, *shape, dtype=dtype) for shape in kv_cache_shapes(spec))
+                 for i in range(spec.num_layers)}
+        ids = torch.randint(0, spec.vocab_size, (20,))
+        seqs = [(list(range(0, 12)), 12, True), (list(range(12, 20)), 8, True)]
+        with torch.inference_mode():
+            first = stage(ids, AttentionBatch.for_sequences(seqs, "cpu"), cache)
+            step = [(list(range(0, 12)) + [40], 1, True), (list(range(12, 20)) + [41], 1, True)]
+            return first, stage(ids[:2], AttentionBatch.for_sequences(step, "cpu"), cache)
+
+    for want, got in zip(logits(plain), logits(packed)):
+        torch.testing.assert_close(got, want, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=0)
+    # linear on a packed weight: any row count (padded inside), 3-D inputs, no rows
+    weight, bias = torch.randn(24, 16, dtype=dtype), torch.randn(24, dtype=dtype)
+    for shape in [(1, 16), (17, 16), (3, 5, 16), (0, 16)]:
+        x = torch.randn(shape, dtype=dtype)
+        torch.testing.assert_close(linear(x, pack_weight(weight), bias), torch.nn.functional.linear(x, weight, bias),
+                                   atol=1e-4 if dtype == torch.float32 else 3e-2, rtol=1e-2)

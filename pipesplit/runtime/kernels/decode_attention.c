@@ -61,6 +61,25 @@ INLINE void bf16_scores(const uint16_t *q, const uint16_t *k, const uint16_t *v,
         }
     }
 }
+
+/* acc[r * v_dim ..] = sum_j p_rj * v_j for bfloat16 V rows with v_dim % 16 == 0 and at most 128:
+ * each row converted to float32 once (16 lanes at a time) and multiply-added for the n_rep query
+ * heads into accumulators that stay in registers. */
+INLINE void bf16_values(const uint16_t *v, const int64_t *slots, int64_t context, int head, int n_rep, int v_dim,
+                        int64_t v_slot, int64_t v_head, const float *restrict scores, float *restrict acc) {
+    const int chunks = v_dim / 16;
+    __m512 sums[n_rep * chunks];
+    for (int c = 0; c < n_rep * chunks; c++) sums[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < context; j++) {
+        const uint16_t *row = v + slots[j] * v_slot + head * v_head;
+        for (int c = 0; c < chunks; c++) {
+            const __m512 x = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(row + 16 * c)));
+            for (int r = 0; r < n_rep; r++)
+                sums[r * chunks + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * context + j]), x, sums[r * chunks + c]);
+        }
+    }
+    for (int c = 0; c < n_rep * chunks; c++) _mm512_storeu_ps(acc + 16 * c, sums[c]);
+}
 #endif
 
 /* One (sequence, KV head): its n_rep query heads over `context` keys. The query, the output
@@ -110,6 +129,12 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
         if (sinks) sum += exp_nonpositive(sinks[first + r] - top);
         inverse[r] = 1.0f / sum;
     }
+#if BF16_DOT
+    if (bf16 && v_dim % 16 == 0 && n_rep * v_dim <= 384) {
+        bf16_values((const uint16_t *)v, slots, context, head, n_rep, v_dim, v_slot, v_head, scores, acc);
+    } else
+#endif
+    {
     memset(acc, 0, sizeof acc);
     for (int64_t j = 0; j < context; j++) {
         load_row(bf16, vb + (size_t)(slots[j] * v_slot + head * v_head) * elem, row, v_dim);
@@ -117,6 +142,7 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
             const float p = scores[r * context + j];
             for (int i = 0; i < v_dim; i++) acc[r * v_dim + i] += p * row[i];
         }
+    }
     }
     for (int r = 0; r < n_rep; r++) {
         for (int i = 0; i < v_dim; i++) acc[r * v_dim + i] *= inverse[r];

@@ -69,7 +69,9 @@ class MLAttention(nn.Module):
             self.q_proj = linear(hidden, heads * m.qk_head_dim)
         self.kv_a_proj_with_mqa = linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LORA_NORM_EPS, dtype, device)
-        self.kv_b_proj = linear(m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim))
+        # read as a weight only (absorbed into batched matmuls), never called: an nn.Linear, left unpacked
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False,
+                                   dtype=dtype, device=device)
         self.o_proj = linear(heads * m.v_head_dim, hidden)
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, kv: tuple[torch.Tensor], rope) -> torch.Tensor:

@@ -267,18 +267,71 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on the CPU with the rows padded to `padded_rows` (the padding rows are zeros and
-    are cut off again) and float32 computed by oneDNN."""
-    rows = x.shape[0] if x.dim() == 2 else 0
-    if x.device.type != "cpu" or rows == 0:
+    are cut off again), float32 and packed weights (`pack_weight`) computed by oneDNN."""
+    if x.device.type != "cpu" or (not weight.is_mkldnn and (x.dim() != 2 or x.shape[0] == 0)):
         return F.linear(x, weight, bias)
+    if x.dim() != 2:
+        return linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    rows = x.shape[0]
+    if rows == 0:
+        return x.new_empty(0, weight.shape[0])
     padded = padded_rows(rows)
     if padded != rows:
         x = torch.cat((x, x.new_zeros(padded - rows, x.shape[1])))
-    if x.dtype == torch.float32 and _ONEDNN_LINEAR:
+    if weight.is_mkldnn or (x.dtype == torch.float32 and _ONEDNN_LINEAR):
         out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     else:
         out = F.linear(x, weight, bias)
     return out[:rows]
+
+
+# -- packed GEMM weights -----------------------------------------------------------------------------
+# oneDNN computes a GEMM from a weight reordered once into the blocked layout its kernel for this
+# CPU reads (`_reorder_linear_weight`, what torch.compile's CPU freezing does), rather than
+# reordering the plain [out, in] weight on every call. SmolLM2's shapes at 1-128 rows on the
+# project's AMX-BF16 Xeon: bfloat16 1.3-2.4x the GFLOPS of F.linear; float32 0.7-1.6x (a wash
+# over a step). The packed tensor holds the same bytes as the plain one and replaces it.
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether `pack_weight` applies: a CPU float32 weight, or bfloat16 where oneDNN computes it."""
+    if not (_ONEDNN_LINEAR and weight.device.type == "cpu" and weight.dim() == 2 and not weight.is_mkldnn):
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed copy of a GEMM weight [out, in] (an opaque tensor `linear` accepts)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+def pack_gemm_weights(model: nn.Module) -> int:
+    """Every GEMM weight of a CPU stage that only `linear` reads, packed in place: a `Linear`'s
+    weight becomes the packed tensor; a fused q/k/v or gate/up weight is packed and its parts
+    become shape-only (meta) parameters, the packed whole counted by `fused_gemm_weights`.
+    The embedding, a head tied to it and weights read otherwise (DeepSeek's kv_b_proj, absorbed
+    into batched matmuls) stay plain. Returns the number of weights packed."""
+    count = 0
+    for module in model.modules():
+        for name in ("qkv", "gate_up"):
+            fused = getattr(module, name, None)
+            if isinstance(fused, tuple) and can_pack(fused[0]):
+                setattr(module, name, (pack_weight(fused[0]), fused[1]))
+                parts = (module.q_proj, module.k_proj, module.v_proj) if name == "qkv" else (module.gate_proj, module.up_proj)
+                for part in parts:
+                    part.weight = nn.Parameter(part.weight.to("meta"), requires_grad=False)
+                count += 1
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.weight.is_meta and can_pack(module.weight):
+            module.weight = nn.Parameter(pack_weight(module.weight), requires_grad=False)
+            count += 1
+    return count
+
+
+def fused_gemm_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The packed fused weights (`pack_gemm_weights`): held by their modules, not as parameters."""
+    return [fused[0] for module in model.modules() for name in ("qkv", "gate_up")
+            if isinstance(fused := getattr(module, name, None), tuple) and fused[0].is_mkldnn]
 
 
 class Linear(nn.Linear):
@@ -320,7 +373,7 @@ def warm_gemms(stage: nn.Module, max_rows: int, max_head_rows: int) -> int:
     with torch.inference_mode():
         for weight, bias, most in gemms.values():
             for rows in (r for r in sizes if r <= most):
-                linear(weight.new_zeros(rows, weight.shape[1]), weight, bias)
+                linear(torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device), weight, bias)
                 count += 1
     return count
 
