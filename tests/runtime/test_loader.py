@@ -327,13 +327,17 @@ def test_byte_level_tokenizer_folder_of_the_tiny_text_model(tiny_text_checkpoint
     assert ours.decode(list("🙂".encode())[:3]) == "\ufffd" and ours.chat_template is None
 
 
+@pytest.mark.parametrize("fixture,name", [("tiny_checkpoints", "qwen2"), ("tiny_checkpoints", "llama_tied"),
+                                          ("tiny_moe_checkpoints", "qwen3_moe"), ("tiny_moe_checkpoints", "deepseek_v3"),
+                                          ("tiny_window_checkpoints", "gemma3")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_gemm_weights_compute_the_same_logits_in_the_same_bytes(tiny_checkpoints, dtype):
-    """pack_gemm_weights (what a CPU Stage runs after loading) against the plain stage: the same
-    logits from oneDNN's packed weights, the same weight bytes held, the fused parts shape-only."""
+def test_packed_gemm_weights_compute_the_same_logits_in_the_same_bytes(request, fixture, name, dtype):
+    """pack_gemm_weights (what a CPU Stage runs after loading) against the plain stage, for dense
+    (q/k/v biases; a tied head), MoE, MLA and Gemma's GELU MLP: the same logits from oneDNN's
+    packed weights, the same weight bytes held, the fused parts shape-only."""
     from pipesplit.runtime.models.layers import AttentionBatch, can_pack, linear, pack_gemm_weights, pack_weight
 
-    source = resolve_model(str(tiny_checkpoints["qwen2"]))  # q/k/v biases
+    source = resolve_model(str(request.getfixturevalue(fixture)[name]))
     spec = source.spec
     if not can_pack(torch.zeros(2, 2, dtype=dtype)):
         pytest.skip(f"oneDNN does not pack {dtype} weights on this CPU")
@@ -343,8 +347,8 @@ def test_packed_gemm_weights_compute_the_same_logits_in_the_same_bytes(tiny_chec
     assert pack_gemm_weights(packed) > 0
     assert live_weight_bytes(packed) == held
     attention = [m for m in packed.modules() if isinstance(m, GQAttention)]
-    assert all(m.qkv[0].is_mkldnn and m.q_proj.weight.is_meta for m in attention)
-    assert all(m.o_proj.weight.is_mkldnn for m in attention)
+    assert all(m.qkv[0].is_mkldnn and m.q_proj.weight.is_meta and m.o_proj.weight.is_mkldnn for m in attention)
+    assert attention or name == "deepseek_v3"
 
     from pipesplit.runtime.models import kv_cache_shapes
 

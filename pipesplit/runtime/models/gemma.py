@@ -36,7 +36,8 @@ class GeluMLP(SwiGLUMLP):
     """down(gelu_tanh(gate(x)) * up(x))."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.gate_and_up(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class GemmaRotary(nn.Module):

@@ -338,6 +338,9 @@ class Linear(nn.Linear):
     """nn.Linear through `linear`: the checkpoint's names and init, this project's GEMM."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.is_meta:
+            raise RuntimeError("this projection's weight was packed into its module's fused GEMM weight: "
+                               "compute it through that (qkv, gate_up)")
         return linear(x, self.weight, self.bias)
 
 
@@ -445,11 +448,13 @@ class SwiGLUMLP(nn.Module):
     def fuse(self) -> None:
         self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gate_up is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)
+            return self.gate_proj(x), self.up_proj(x)
+        return linear(x, *self.gate_up).chunk(2, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_and_up(x)
         return linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
 
 
