@@ -825,6 +825,7 @@ class LLM:
             f"(binding stage {binding.stage}), dtype {self.dtype} ({self.dtype_choice.reason}), "
             f"prefix cache {'on' if self.engine.prefix_caching else 'off'}"
             + (f", decode attention: {cpu_kernels.status().detail}" if self.engine.stage.device.type == "cpu" else "")
+            + (f", {self.engine.stage.tuning}" if self.engine.stage.tuning else "")
         ]
         if self.engine.window_slots:
             lines.append(

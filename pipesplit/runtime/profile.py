@@ -101,8 +101,11 @@ def _layer_runs(source, spec, index: int, batches, dtype, device) -> list[Callab
     own KV pool of random values) on each of `batches`, ready to run under inference_mode."""
     from pipesplit.runtime.loader import load_stage
     from pipesplit.runtime.models import kv_cache_shapes
+    from pipesplit.runtime.models.layers import tune_cpu_stage
 
     stage = load_stage(source, spec, (index, index + 1), False, False, dtype, device).eval()
+    if device.type == "cpu":  # as a Stage runs it
+        tune_cpu_stage(stage)
     slots = max(sum(c for c, _, _ in b) for b in batches)
     pools = allocate_pools([index], kv_cache_shapes(spec), slots, dtype, device)
     for pool in pools[index]:
@@ -131,10 +134,13 @@ def _layer_times(spec, source, dtype, device, repeats) -> dict[str, tuple[list[S
 
 def _embedding_and_head(spec, source, dtype, device, repeats):
     from pipesplit.runtime.loader import load_stage
+    from pipesplit.runtime.models.layers import tune_cpu_stage
 
     batches = _shapes()
     first = load_stage(source, spec, (0, 0), True, False, dtype, device).eval()
     last = load_stage(source, spec, (spec.num_layers, spec.num_layers), False, True, dtype, device).eval()
+    if device.type == "cpu":  # as a Stage runs them
+        tune_cpu_stage(first), tune_cpu_stage(last)
     sampler = new_request_sampler(SamplingParams(temperature=0), 0)
     emb, head, shapes = [], [], []
     for batch in batches:

@@ -76,7 +76,7 @@ class Stage:
     def __init__(self, config: RunConfig, rank: int, device: torch.device) -> None:
         from pipesplit.runtime.loader import load_stage, resolve_model
         from pipesplit.runtime.models import kv_cache_shapes
-        from pipesplit.runtime.models.layers import pack_gemm_weights, warm_gemms
+        from pipesplit.runtime.models.layers import tune_cpu_stage, warm_gemms
 
         self.config = config
         self.rank = rank
@@ -99,8 +99,9 @@ class Stage:
             )
         self.model.eval()
         self.load_seconds = time.perf_counter() - started
-        if device.type == "cpu":  # after the load time: packing and building the GEMM kernels is not loading
-            pack_gemm_weights(self.model)
+        # after the load time: packing weights, choosing kernels and building them is not loading
+        self.tuning = tune_cpu_stage(self.model) if device.type == "cpu" else ""
+        if device.type == "cpu":
             warm_gemms(self.model, config.max_step_tokens, config.max_step_samples)
         self.param_bytes = live_weight_bytes(self.model)
 
