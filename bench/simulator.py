@@ -3,12 +3,13 @@
 1. `pipesplit profile` (the real runtime's layers, batches, scheduler and gloo transfers) on this
    machine, once per thread count the runs use (the engine gives each stage cores // pp threads);
 2. for each split, the real engine (`pipesplit.LLM`) runs each workload: all requests at once, and
-   Poisson arrivals; every request produces exactly its output length (EOS ignored);
+   Poisson arrivals; every request produces exactly its output length (EOS ignored); `--rounds`
+   times (default 2: the splits in order, then in reverse), the rounds' mean counting;
 3. `planner.simulator.simulate` runs the same requests (same token ids, same arrival times) with
    the profile, and the errors of output throughput and TTFT p50 are reported, with whether the
    simulator orders the splits (by throughput, per PP and workload) as the measurements do.
 
-    .venv/bin/python bench/simulator.py              # the full run (~10-15 minutes on 2 cores)
+    .venv/bin/python bench/simulator.py              # the full run (~15-20 minutes on 2 cores)
     .venv/bin/python bench/simulator.py --quick      # two splits, small workloads: a smoke run
 """
 
@@ -37,6 +38,7 @@ from pipesplit.planner.simulator import (  # noqa: E402
     simulate_on_cpu,
     summarize,
 )
+from pipesplit.runtime.loader import resolve_model  # noqa: E402
 from pipesplit.runtime.profile import profile_model  # noqa: E402
 
 SPLITS = {2: [(15, 15), (6, 24), (24, 6), (10, 20)], 3: [(10, 10, 10), (4, 13, 13), (20, 5, 5), (5, 5, 20)]}
@@ -86,6 +88,12 @@ def run_real(llm: LLM, workload: Workload) -> tuple[list[RequestTimes], float, f
         llm.engine.raise_if_dead()
     end = max(r.finished for r in done.values())
     return list(done.values()), min(arrived.values()), end
+
+
+def mean_result(runs: list[SimResult]) -> SimResult:
+    """The rounds' mean of each measured metric (the first round's counts otherwise)."""
+    metrics = ("output_tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "makespan")
+    return dataclasses.replace(runs[0], **{k: statistics.fmean(getattr(r, k) for r in runs) for k in metrics})
 
 
 def compare_row(pp, partition, name, measured, simulated) -> dict:
@@ -153,6 +161,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="float32", help="engine and profile dtype")
     ap.add_argument("--repeats", type=int, default=5, help="profile repeats")
+    ap.add_argument("--rounds", type=int, default=2, help="measured runs of each split and workload (their mean counts)")
     ap.add_argument("--out", default="bench/results/simulator.json")
     ap.add_argument("--resimulate", metavar="FILE", help="recompute the simulated side of FILE, measure nothing")
     args = ap.parse_args()
@@ -171,33 +180,46 @@ def main() -> int:
             profiles[threads] = profile_model("smollm2", "cpu", args.dtype, threads, args.repeats)
     profile_seconds = time.perf_counter() - started
 
-    rows = []
-    for pp, parts in splits.items():
-        profile = profiles[max(1, cores // pp)]
-        for partition in parts:
+    # Each split's engine runs the workloads once per round; rounds go over the splits forwards,
+    # then backwards, ..., so that a slow spell of the VM does not fall on neighbouring splits
+    # only; the row compares the rounds' mean with the simulator and keeps each round.
+    order = [(pp, tuple(partition)) for pp, parts in splits.items() for partition in parts]
+    measured_runs: dict[tuple, list[SimResult]] = {}
+    configs, capacities = {}, {}
+    for round_ in range(args.rounds):
+        for pp, partition in (order if round_ % 2 == 0 else order[::-1]):
             llm = LLM("smollm2", pp=pp, partition=list(partition), dtype=args.dtype, log=False)
             try:
                 llm.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-                capacity = llm.max_total_num_tokens
-                config = PipelineConfig(micro_batches=llm.engine.scheduler_config.micro_batches,
-                                        max_batch_tokens=llm.engine.scheduler_config.max_batch_tokens,
-                                        max_running_requests=llm.engine.scheduler_config.max_running_requests,
-                                        chunked_prefill_size=llm.engine.scheduler_config.chunked_prefill_size,
-                                        prefix_caching=llm.engine.scheduler_config.prefix_caching)
+                capacities[pp, partition] = capacity = llm.max_total_num_tokens
+                configs[pp, partition] = PipelineConfig(
+                    micro_batches=llm.engine.scheduler_config.micro_batches,
+                    max_batch_tokens=llm.engine.scheduler_config.max_batch_tokens,
+                    max_running_requests=llm.engine.scheduler_config.max_running_requests,
+                    chunked_prefill_size=llm.engine.scheduler_config.chunked_prefill_size,
+                    prefix_caching=llm.engine.scheduler_config.prefix_caching)
                 for name, workload in loads.items():
                     times, start, end = run_real(llm, workload)
-                    measured = summarize(partition, capacity, times, start, end, [0.0] * pp, 0, 0)
-                    simulated = simulate_on_cpu(llm.spec, partition, capacity, profile, workload, config)
-                    row = compare_row(pp, partition, name, measured, simulated)
-                    row["config"] = dataclasses.asdict(config)
-                    rows.append(row)
-                    print(f"PP{pp} {','.join(map(str, partition)):>8} {name:<11} tok/s measured "
-                          f"{measured.output_tokens_per_s:7.1f} simulated {simulated.output_tokens_per_s:7.1f} "
-                          f"({row['error_output_tokens_per_s']:+.1%}); TTFT p50 {measured.ttft_p50 * 1e3:7.1f} / "
-                          f"{simulated.ttft_p50 * 1e3:7.1f} ms ({row['error_ttft_p50']:+.1%}); TPOT p50 "
-                          f"{measured.tpot_p50 * 1e3:6.1f} / {simulated.tpot_p50 * 1e3:6.1f} ms", flush=True)
+                    run = summarize(partition, capacity, times, start, end, [0.0] * pp, 0, 0)
+                    measured_runs.setdefault((pp, partition, name), []).append(run)
+                    print(f"round {round_ + 1} PP{pp} {','.join(map(str, partition)):>8} {name:<11} "
+                          f"{run.output_tokens_per_s:7.1f} tok/s", file=sys.stderr, flush=True)
             finally:
                 llm.close()
+
+    rows = []
+    spec = resolve_model("smollm2").spec
+    for pp, partition in order:
+        profile = profiles[max(1, cores // pp)]
+        for name, workload in loads.items():
+            runs = measured_runs[pp, partition, name]
+            measured = mean_result(runs)
+            simulated = simulate_on_cpu(spec, partition, capacities[pp, partition], profile, workload,
+                                        configs[pp, partition])
+            row = compare_row(pp, partition, name, measured, simulated)
+            row["config"] = dataclasses.asdict(configs[pp, partition])
+            row["rounds"] = [r.to_json() for r in runs]
+            rows.append(row)
 
     summary, orders = summarize_rows(rows)
     doc = {
