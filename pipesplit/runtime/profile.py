@@ -96,20 +96,47 @@ def fit(shapes: Sequence[StepShape], seconds: Sequence[float], features: Sequenc
     return Linear()
 
 
-def _layer_runs(source, spec, index: int, batches, dtype, device) -> list[Callable[[], object]]:
-    """Decoder layer `index` alone (a stage built by the loader holding just that layer, over its
-    own KV pool of random values) on each of `batches`, ready to run under inference_mode."""
+# A layer is timed inside a stack of consecutive layers of its kind holding at least this many
+# weight bytes (or all of them), each run passing through the whole stack: a stage streams its
+# layers' weights from memory on every step, where one layer timed alone keeps its own in the
+# caches. SmolLM2 bfloat16 on one thread of the AMX Xeon (2026-12-03), decode of 16 sequences:
+# 0.97 ms per layer alone or in a stack of 4, 1.24 ms in stacks of 15 and 30 (8 x 512: 1.10
+# and 1.55 ms).
+STACK_BYTES = 128 * 2**20
+
+
+def stack_count(spec, index: int, dtype: torch.dtype) -> int:
+    """How many consecutive layers from `index` (all of its kind) make the stack that times it."""
+    from pipesplit.planner.costs import layer_tensors
+
+    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    kind = layer_kind(spec, index)
+    count, held = 0, 0
+    for i in range(index, spec.num_layers):
+        if layer_kind(spec, i) != kind or (count and held >= STACK_BYTES):
+            break
+        count += 1
+        held += sum(t.nbytes for t in layer_tensors(spec, i, weight_dtype=dtype_name))
+    return count
+
+
+def _layer_runs(source, spec, index: int, batches, dtype, device, count: int = 1) -> list[Callable[[], object]]:
+    """Decoder layers index .. index + count - 1 (a stage built by the loader holding just those,
+    tuned as a Stage tunes itself, over their own KV pools of random values) on each of
+    `batches`, ready to run under inference_mode."""
     from pipesplit.runtime.loader import load_stage
     from pipesplit.runtime.models import kv_cache_shapes
     from pipesplit.runtime.models.layers import tune_cpu_stage
 
-    stage = load_stage(source, spec, (index, index + 1), False, False, dtype, device).eval()
+    stage = load_stage(source, spec, (index, index + count), False, False, dtype, device).eval()
     if device.type == "cpu":  # as a Stage runs it
         tune_cpu_stage(stage)
     slots = max(sum(c for c, _, _ in b) for b in batches)
-    pools = allocate_pools([index], kv_cache_shapes(spec), slots, dtype, device)
-    for pool in pools[index]:
-        pool.normal_()
+    layers = list(range(index, index + count))
+    pools = allocate_pools(layers, kv_cache_shapes(spec), slots, dtype, device)
+    for layer in layers:
+        for pool in pools[layer]:
+            pool.normal_()
     runs = []
     for batch in batches:
         ab = _attention_batch(batch, device)
@@ -118,18 +145,21 @@ def _layer_runs(source, spec, index: int, batches, dtype, device) -> list[Callab
     return runs
 
 
-def _layer_times(spec, source, dtype, device, repeats) -> dict[str, tuple[list[StepShape], list[float]]]:
+def _layer_times(spec, source, dtype, device, repeats) -> tuple[dict[str, tuple[list[StepShape], list[float]]],
+                                                                dict[str, int]]:
+    """Per layer kind: each batch shape's time per layer, and the stack it was timed in (CPU)."""
     batches = _shapes()
     kinds: dict[str, int] = {}
     for i in range(spec.num_layers):
         kinds.setdefault(layer_kind(spec, i), i)
-    out = {}
+    out, stacks = {}, {}
     for kind, index in kinds.items():
-        runs = _layer_runs(source, spec, index, batches, dtype, device)
+        stacks[kind] = count = stack_count(spec, index, dtype) if device.type == "cpu" else 1
+        runs = _layer_runs(source, spec, index, batches, dtype, device, count)
         with torch.inference_mode():
-            seconds = [_median_seconds(run, device, repeats) for run in runs]
+            seconds = [_median_seconds(run, device, repeats) / count for run in runs]
         out[kind] = ([_shape(batch) for batch in batches], seconds)
-    return out
+    return out, stacks
 
 
 def _embedding_and_head(spec, source, dtype, device, repeats):
@@ -268,7 +298,8 @@ def _corun_runs(model: str, dtype: torch.dtype) -> list[Callable[[], object]]:
     from pipesplit.runtime.loader import resolve_model
 
     source = resolve_model(model)
-    return _layer_runs(source, source.spec, 0, CORUN_BATCHES, dtype, torch.device("cpu"))
+    return _layer_runs(source, source.spec, 0, CORUN_BATCHES, dtype, torch.device("cpu"),
+                       stack_count(source.spec, 0, dtype))
 
 
 def corun_peer(model: str, dtype: str, threads: int, seconds: float) -> None:
@@ -346,7 +377,7 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
     started = time.perf_counter()
 
     log("profiling decoder layers")
-    layer_data = _layer_times(spec, source, torch_dtype, dev, repeats)
+    layer_data, stacks = _layer_times(spec, source, torch_dtype, dev, repeats)
     log("profiling embedding and head")
     shapes, emb, head = _embedding_and_head(spec, resolve_model(model), torch_dtype, dev, repeats)
     log("profiling per-step bookkeeping and scheduling")
@@ -385,7 +416,7 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         transfer_per_byte=per_byte,
         corun_slowdown=corun,
         meta={"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
-              "cpu_count": os.cpu_count(), "repeats": repeats, "measurements": raw},
+              "cpu_count": os.cpu_count(), "repeats": repeats, "layers_per_stack": stacks, "measurements": raw},
     )
 
 
