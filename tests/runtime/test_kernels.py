@@ -308,27 +308,26 @@ def test_element_wise_kernels_give_the_same_answer_on_any_thread_count():
 @needs_kernel
 @BY_DTYPE
 @BY_HEAD_SHAPE
-def test_fresh_prefills_by_sdpa_match_the_reference_beside_chunks_and_decodes(dtype, tolerance, heads, kv_heads, dim):
-    """paged_attention with the new tokens' K/V (the route choose_fresh_prefill may pick): fresh
-    prompts attend by causal SDPA, a chunk after earlier context and decodes by the kernels; every
-    row equals the float64 reference, and the choice is recorded on the layers."""
-    from pipesplit.runtime.models.layers import AttentionBatch, GQAttention, choose_fresh_prefill, paged_attention
+def test_prefills_by_sdpa_match_the_reference_beside_decodes(dtype, tolerance, heads, kv_heads, dim):
+    """paged_attention with the new tokens' K/V (the route choose_prefill_attention may pick):
+    fresh prompts attend by causal SDPA over the new K/V, chunks after earlier context over their
+    gathered context, decodes by the kernel; every row equals the float64 reference, and the
+    start-up choice is recorded on the layers."""
+    from pipesplit.runtime.models.layers import AttentionBatch, GQAttention, choose_prefill_attention, paged_attention
 
     gen = torch.Generator().manual_seed(heads + dim)
     k_pool, v_pool = pools(900, kv_heads, dim, dim, dtype, gen)
-    query_lens = [40, 1, 17, 70, 1]
-    contexts = contexts_for([40, 30, 60, 70, 5], 900, gen)  # fresh, decode, chunk, fresh, decode
+    query_lens = [40, 1, 17, 70, 1, 2]
+    contexts = contexts_for([40, 30, 60, 70, 5, 90], 900, gen)  # fresh, decode, chunk, fresh, decode, chunk
     q = torch.randn(sum(query_lens), heads, dim, generator=gen).to(dtype)
-    seqs = [(c, n, True) for c, n in zip(contexts, query_lens)]
-    batch = AttentionBatch.for_sequences(seqs, "cpu")
-    new_slots = batch.slot_mapping
-    got = paged_attention(q, k_pool, v_pool, batch, dim**-0.5, fresh_kv=(k_pool[new_slots], v_pool[new_slots]))
+    batch = AttentionBatch.for_sequences([(c, n, True) for c, n in zip(contexts, query_lens)], "cpu")
+    new = batch.slot_mapping
+    got = paged_attention(q, k_pool, v_pool, batch, dim**-0.5, new_kv=(k_pool[new], v_pool[new]))
     want = prefill_reference(q, k_pool, v_pool, contexts, query_lens, dim**-0.5)
     torch.testing.assert_close(got.view(want.shape).double(), want, atol=tolerance, rtol=tolerance)
-    assert batch.memo("fresh_rows", lambda: None)[0] == [(0, 40), (58, 70)]  # the fresh prompts' rows
 
     layer = GQAttention(heads * dim, heads, kv_heads, dim, qkv_bias=False, o_bias=False, qk_norm=False, eps=1e-6,
                         window=None, dtype=dtype, device="cpu")
-    phrase = choose_fresh_prefill(layer, repeats=1)
+    phrase = choose_prefill_attention(layer, repeats=1)
     assert phrase.startswith("prefill attention: ") and f"{heads} heads" in phrase
-    assert layer.fresh_prefill == phrase.removeprefix("prefill attention: ").startswith("torch SDPA")
+    assert layer.sdpa_prefill == phrase.removeprefix("prefill attention: ").startswith("torch SDPA")

@@ -208,24 +208,29 @@ def _native_rows(batch: AttentionBatch) -> tuple[_KernelRows | None, _KernelRows
     return _kernel_rows(batch, decodes, len(decodes) == len(batch.query_lens)), _kernel_rows(batch, prefills)
 
 
-def _fresh_rows(batch: AttentionBatch) -> tuple[list[tuple[int, int]], _KernelRows | None]:
-    """The batch's prefill chunks split in two: those whose context is all new tokens (no cached
-    prefix, no earlier chunk), as (first row, count), and the rest, for prefill_attention."""
+def _sdpa_prefill(q: torch.Tensor, new_kv: tuple[torch.Tensor, torch.Tensor], k_pool: torch.Tensor,
+                  v_pool: torch.Tensor, batch: AttentionBatch, out: torch.Tensor, scale: float) -> None:
+    """Each prefill chunk (query_len > 1) by torch's SDPA (its CPU flash kernel), written into out
+    [T, heads, v_dim]: a chunk whose context is all new (no cached prefix, no earlier chunk) over
+    the new K/V with a causal flag, no pool read; one after earlier context over its context
+    gathered from the pools, its queries the context's last (a lower-right causal mask)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    k_new, v_new = new_kv
     starts = _running_sums(batch.query_lens)
-    fresh = [(starts[i], q) for i, (q, c) in enumerate(zip(batch.query_lens, batch.context_lens)) if 1 < q == c]
-    rest = [i for i, (q, c) in enumerate(zip(batch.query_lens, batch.context_lens)) if 1 < q < c]
-    return fresh, _kernel_rows(batch, rest)
-
-
-def _fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     fresh: list[tuple[int, int]], scale: float) -> None:
-    """Causal SDPA (torch's CPU flash kernel) of each fresh prefill's rows of q over the same rows
-    of the new k, v: no pool read, no mask tensor; written into out [T, heads, v_dim]."""
-    for first, n in fresh:
-        rows = slice(first, first + n)
-        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], k[rows].transpose(0, 1)[None],
-                                           v[rows].transpose(0, 1)[None], is_causal=True, scale=scale,
-                                           enable_gqa=True)
+    for i, (n, c) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        if n == 1:
+            continue
+        rows = slice(starts[i], starts[i] + n)
+        if n == c:
+            keys, values, mask, causal = k_new[rows], v_new[rows], None, True
+        else:
+            slots = batch.context_slots[i].to(dtype=torch.long)
+            keys, values = k_pool.index_select(0, slots), v_pool.index_select(0, slots)
+            mask, causal = causal_lower_right(n, c), False
+        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                           values.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
+                                           scale=scale, enable_gqa=True)
         out[rows] = o[0].transpose(0, 1)
 
 
@@ -353,58 +358,65 @@ def pack_gemm_weights(model: nn.Module) -> int:
 
 def tune_cpu_stage(model: nn.Module) -> str:
     """What a CPU stage does after loading, before it serves (and the profiler, to time what runs):
-    packs its GEMM weights and chooses each attention shape's path for fresh prefills. Returns
+    packs its GEMM weights and chooses each attention shape's path for prefill chunks. Returns
     the start-up line's phrase for the choice ("" where there is none)."""
     pack_gemm_weights(model)
-    return choose_fresh_prefill(model)
+    return choose_prefill_attention(model)
 
 
-# -- fresh prefills: the native kernel or torch's causal SDPA ----------------------------------------------
-# A prefill whose context is all new tokens (no cached prefix, no earlier chunk) needs no pool
-# read: torch's CPU flash kernel can attend it over the new K/V with a causal flag. Which is
-# faster depends on the CPU: on the project's AMX-BF16 Xeon, SDPA was 2.6x faster in bfloat16 and
-# 1.4x in float32 (8 prompts of 32-512 tokens, SmolLM2's heads); the native kernel was written on
-# a Zen 5 where SDPA (then over gathered, padded contexts) was 3.6-4.4x slower. So each stage
-# times both at start-up on two 256-token prompts of each attention shape and keeps the faster.
-FRESH_PREFILL_TOKENS = 256
+# -- prefill chunks: the native kernel or torch's SDPA ---------------------------------------------------
+# torch's CPU flash kernel attends a prefill chunk over contiguous K/V: the new tokens' own where
+# the context is all new, else the context gathered from the pools. Which is faster depends on
+# the CPU: on the project's AMX-BF16 Xeon, SDPA was 2.6x faster in bfloat16 and 1.4x in float32
+# for 8 fresh prompts of 32-512 tokens, 1.9x (bfloat16) with the gather for 16 questions of 32-128
+# tokens after a shared 512-token prefix (SmolLM2's heads); the native kernel was written on a
+# Zen 5 where SDPA (then over gathered, padded contexts with a mask) was 3.6-4.4x slower. So each
+# stage times both at start-up on a fresh 256-token prompt and a 128-token chunk after 256 tokens
+# of context, for each attention shape, and keeps the faster.
+PREFILL_PROBE = ((256, 256), (384, 128))  # (context, new tokens) per probe sequence
 
 
-def _fresh_eligible(module: nn.Module) -> bool:
+def _sdpa_eligible(module: nn.Module) -> bool:
     return (isinstance(module, GQAttention) and module.window is None and module.sinks is None
             and module.softcap is None)
 
 
-def choose_fresh_prefill(model: nn.Module, repeats: int = 5) -> str:
-    """Sets `fresh_prefill` on the stage's full-attention layers (no window, sinks or soft-cap)
-    where torch's causal SDPA attended two fresh prompts faster than the native kernel."""
+def choose_prefill_attention(model: nn.Module, repeats: int = 5) -> str:
+    """Sets `sdpa_prefill` on the stage's full-attention layers (no window, sinks or soft-cap)
+    where torch's SDPA attended the PREFILL_PROBE chunks faster than the native kernel."""
     shapes: dict[tuple, list[GQAttention]] = {}
     for module in model.modules():
-        if _fresh_eligible(module):
+        if _sdpa_eligible(module):
             dtype = module.o_proj.weight.dtype
             shapes.setdefault((module.heads, module.kv_heads, module.head_dim, dtype, module.scale), []).append(module)
     phrases = []
     for (heads, kv_heads, dim, dtype, scale), modules in shapes.items():
-        n = FRESH_PREFILL_TOKENS
-        q = torch.randn(2 * n, heads, dim, dtype=dtype)
-        k, v = torch.randn(2 * n, kv_heads, dim, dtype=dtype), torch.randn(2 * n, kv_heads, dim, dtype=dtype)
-        if not kernels.supports(q, k, v):
+        slots = sum(c for c, _ in PREFILL_PROBE)
+        k_pool, v_pool = (torch.randn(slots, kv_heads, dim, dtype=dtype) for _ in range(2))
+        q = torch.randn(sum(n for _, n in PREFILL_PROBE), heads, dim, dtype=dtype)
+        if not kernels.supports(q, k_pool, v_pool):
             continue
-        batch = AttentionBatch.for_sequences([(list(range(n)), n, True), (list(range(n, 2 * n)), n, True)], "cpu")
+        seqs, first = [], 0
+        for c, n in PREFILL_PROBE:
+            seqs.append((list(range(first, first + c)), n, True))
+            first += c
+        batch = AttentionBatch.for_sequences(seqs, "cpu")
+        new_kv = (k_pool[batch.slot_mapping], v_pool[batch.slot_mapping])
         seconds = []
-        for fresh in (None, (k, v)):
+        for given in (None, new_kv):
             with torch.inference_mode():
-                paged_attention(q, k, v, batch, scale, fresh_kv=fresh)  # warm
+                paged_attention(q, k_pool, v_pool, batch, scale, new_kv=given)  # warm
                 times = []
                 for _ in range(repeats):
                     started = time.perf_counter()
-                    paged_attention(q, k, v, batch, scale, fresh_kv=fresh)
+                    paged_attention(q, k_pool, v_pool, batch, scale, new_kv=given)
                     times.append(time.perf_counter() - started)
             seconds.append(sorted(times)[repeats // 2])
         native, sdpa = seconds
         for module in modules:
-            module.fresh_prefill = sdpa < 0.9 * native
-        phrases.append(f"{'torch SDPA' if sdpa < 0.9 * native else 'native kernel'} for new prompts "
-                       f"({sdpa * 1e3:.1f} ms SDPA, {native * 1e3:.1f} ms native, 2 x {n} tokens, {heads} heads)")
+            module.sdpa_prefill = sdpa < 0.9 * native
+        phrases.append(f"{'torch SDPA' if sdpa < 0.9 * native else 'native kernel'} for prefill chunks "
+                       f"({sdpa * 1e3:.1f} ms SDPA, {native * 1e3:.1f} ms native, {heads} heads)")
     return "prefill attention: " + "; ".join(phrases) if phrases else ""
 
 
@@ -659,22 +671,22 @@ def paged_attention(
     *,
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
-    fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens' queries q [T, heads, dim] over their contexts in the pools.
 
     The new tokens' K/V must already be in the pools. Returns [T, heads * v_dim].
     sinks [heads]: one extra logit per head in the softmax's denominator, attending to nothing
     (gpt-oss). softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2).
-    fresh_kv: the new tokens' (k, v) [T, kv_heads, dim], given where `FreshPrefill` chose SDPA:
-    prefills whose whole context is new attend over those instead of the pools.
+    new_kv: the new tokens' (k, v) [T, kv_heads, dim], given where `choose_prefill_attention` chose
+    SDPA: prefill chunks attend by `_sdpa_prefill` instead of the native kernel.
     """
     tokens, heads, dim = q.shape
     kv_heads, v_dim = k_pool.shape[1], v_pool.shape[2]
     n_rep = heads // kv_heads
     if kernels.supports(q, k_pool, v_pool):
-        if fresh_kv is not None and window is None and sinks is None and softcap is None:
-            return _native_attention(q, k_pool, v_pool, batch, scale, window, sinks, softcap, fresh_kv)
+        if new_kv is not None and window is None and sinks is None and softcap is None:
+            return _native_attention(q, k_pool, v_pool, batch, scale, window, sinks, softcap, new_kv)
         return _native_attention(q, k_pool, v_pool, batch, scale, window, sinks, softcap)
     # Elsewhere (or where the kernels cannot run) the contexts are gathered and attended with torch.
     groups = batch.memo(("attention_groups", q.device), lambda: _attention_groups(batch, q.device))
@@ -705,16 +717,13 @@ def paged_attention(
 
 
 def _native_attention(q, k_pool, v_pool, batch: AttentionBatch, scale: float, window, sinks, softcap,
-                      fresh_kv=None) -> torch.Tensor:
+                      new_kv=None) -> torch.Tensor:
     """paged_attention on the CPU kernels, which read K/V in place from the pools: decodes (one
-    query) with decode_attention, prefill chunks with prefill_attention (with fresh_kv, those whose
-    context is all new with torch's causal SDPA over the new K/V)."""
+    query) with decode_attention, prefill chunks with prefill_attention (given new_kv, with
+    `_sdpa_prefill`)."""
     tokens, heads, _ = q.shape
     v_dim = v_pool.shape[2]
     decodes, prefills = batch.memo("native_rows", lambda: _native_rows(batch))
-    fresh: list[tuple[int, int]] = []
-    if fresh_kv is not None and prefills is not None:
-        fresh, prefills = batch.memo("fresh_rows", lambda: _fresh_rows(batch))
     if decodes is not None:
         q_decode = q if decodes.rows is None else q.index_select(0, decodes.rows)
         o = kernels.decode_attention(q_decode, k_pool, v_pool, decodes.slots, decodes.offsets, scale, window,
@@ -724,9 +733,9 @@ def _native_attention(q, k_pool, v_pool, batch: AttentionBatch, scale: float, wi
     out = q.new_empty(tokens, heads, v_dim)
     if decodes is not None:
         out[decodes.rows] = o
-    if fresh:
-        _fresh_attention(q, *fresh_kv, out, fresh, scale)
-    if prefills is not None:
+    if new_kv is not None:
+        _sdpa_prefill(q, new_kv, k_pool, v_pool, batch, out, scale)
+    else:
         kernels.prefill_attention(q.contiguous(), k_pool, v_pool, out, prefills.slots, prefills.offsets,
                                   prefills.rows, prefills.query_lens, scale, window, softcap, sinks)
     return out.view(tokens, heads * v_dim)
@@ -798,7 +807,7 @@ class GQAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
-        self.fresh_prefill = False  # set by choose_fresh_prefill: fresh prompts by SDPA over the new K/V
+        self.sdpa_prefill = False  # set by choose_prefill_attention: prefill chunks by torch's SDPA
 
     def fuse(self) -> None:
         self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
@@ -830,7 +839,7 @@ class GQAttention(nn.Module):
         k_pool.index_copy_(0, batch.slot_mapping, k)
         v_pool.index_copy_(0, batch.slot_mapping, v)
         out = paged_attention(q, k_pool, v_pool, batch, self.scale, self.window, sinks=self.sinks, softcap=self.softcap,
-                              fresh_kv=(k, v) if self.fresh_prefill else None)
+                              new_kv=(k, v) if self.sdpa_prefill else None)
         return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
