@@ -109,7 +109,7 @@ def stack_count(spec, index: int, dtype: torch.dtype) -> int:
     """How many consecutive layers from `index` (all of its kind) make the stack that times it."""
     from pipesplit.planner.costs import layer_tensors
 
-    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    dtype_name = str(dtype).removeprefix("torch.")  # the names of DTYPES
     kind = layer_kind(spec, index)
     count, held = 0, 0
     for i in range(index, spec.num_layers):
@@ -170,7 +170,8 @@ def _embedding_and_head(spec, source, dtype, device, repeats):
     first = load_stage(source, spec, (0, 0), True, False, dtype, device).eval()
     last = load_stage(source, spec, (spec.num_layers, spec.num_layers), False, True, dtype, device).eval()
     if device.type == "cpu":  # as a Stage runs them
-        tune_cpu_stage(first), tune_cpu_stage(last)
+        tune_cpu_stage(first)
+        tune_cpu_stage(last)
     sampler = new_request_sampler(SamplingParams(temperature=0), 0)
     emb, head, shapes = [], [], []
     for batch in batches:

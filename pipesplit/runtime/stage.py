@@ -100,8 +100,9 @@ class Stage:
         self.model.eval()
         self.load_seconds = time.perf_counter() - started
         # after the load time: packing weights, choosing kernels and building them is not loading
-        self.tuning = tune_cpu_stage(self.model) if device.type == "cpu" else ""
+        self.tuning = ""  # the start-up line's phrase for the kernel choice
         if device.type == "cpu":
+            self.tuning = tune_cpu_stage(self.model)
             warm_gemms(self.model, config.max_step_tokens, config.max_step_samples)
         self.param_bytes = live_weight_bytes(self.model)
 

@@ -62,9 +62,9 @@ INLINE void bf16_scores(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     }
 }
 
-/* acc[r * v_dim ..] = sum_j p_rj * v_j for bfloat16 V rows with v_dim % 16 == 0 and at most 128:
- * each row converted to float32 once (16 lanes at a time) and multiply-added for the n_rep query
- * heads into accumulators that stay in registers. */
+/* acc[r * v_dim ..] = sum_j p_rj * v_j for bfloat16 V rows with v_dim % 16 == 0 and n_rep * v_dim
+ * at most 384 (24 vector accumulators): each row converted to float32 once (16 lanes at a time)
+ * and multiply-added for the n_rep query heads into accumulators that stay in registers. */
 INLINE void bf16_values(const uint16_t *v, const int64_t *slots, int64_t context, int head, int n_rep, int v_dim,
                         int64_t v_slot, int64_t v_head, const float *restrict scores, float *restrict acc) {
     const int chunks = v_dim / 16;
@@ -135,14 +135,14 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
     } else
 #endif
     {
-    memset(acc, 0, sizeof acc);
-    for (int64_t j = 0; j < context; j++) {
-        load_row(bf16, vb + (size_t)(slots[j] * v_slot + head * v_head) * elem, row, v_dim);
-        for (int r = 0; r < n_rep; r++) {
-            const float p = scores[r * context + j];
-            for (int i = 0; i < v_dim; i++) acc[r * v_dim + i] += p * row[i];
+        memset(acc, 0, sizeof acc);
+        for (int64_t j = 0; j < context; j++) {
+            load_row(bf16, vb + (size_t)(slots[j] * v_slot + head * v_head) * elem, row, v_dim);
+            for (int r = 0; r < n_rep; r++) {
+                const float p = scores[r * context + j];
+                for (int i = 0; i < v_dim; i++) acc[r * v_dim + i] += p * row[i];
+            }
         }
-    }
     }
     for (int r = 0; r < n_rep; r++) {
         for (int i = 0; i < v_dim; i++) acc[r * v_dim + i] *= inverse[r];

@@ -333,6 +333,10 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
+# The fused GEMM weights modules hold (set by their fuse()), and the projections fused into each.
+FUSED_PARTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
 def pack_gemm_weights(model: nn.Module) -> int:
     """Every GEMM weight of a CPU stage that only `linear` reads, packed in place: a `Linear`'s
     weight becomes the packed tensor; a fused q/k/v or gate/up weight is packed and its parts
@@ -341,12 +345,11 @@ def pack_gemm_weights(model: nn.Module) -> int:
     into batched matmuls) stay plain. Returns the number of weights packed."""
     count = 0
     for module in model.modules():
-        for name in ("qkv", "gate_up"):
+        for name, parts in FUSED_PARTS.items():
             fused = getattr(module, name, None)
             if isinstance(fused, tuple) and can_pack(fused[0]):
                 setattr(module, name, (pack_weight(fused[0]), fused[1]))
-                parts = (module.q_proj, module.k_proj, module.v_proj) if name == "qkv" else (module.gate_proj, module.up_proj)
-                for part in parts:
+                for part in (getattr(module, p) for p in parts):
                     part.weight = nn.Parameter(part.weight.to("meta"), requires_grad=False)
                 count += 1
     for module in model.modules():
@@ -422,7 +425,7 @@ def choose_prefill_attention(model: nn.Module, repeats: int = 5) -> str:
 
 def fused_gemm_weights(model: nn.Module) -> list[torch.Tensor]:
     """The packed fused weights (`pack_gemm_weights`): held by their modules, not as parameters."""
-    return [fused[0] for module in model.modules() for name in ("qkv", "gate_up")
+    return [fused[0] for module in model.modules() for name in FUSED_PARTS
             if isinstance(fused := getattr(module, name, None), tuple) and fused[0].is_mkldnn]
 
 
@@ -452,12 +455,10 @@ def warm_gemms(stage: nn.Module, max_rows: int, max_head_rows: int) -> int:
     run = [m for _, layer in getattr(stage, "_layers", []) for m in layer.modules()]
     fused_parts = set()
     for module in run:
-        if isinstance(module, GQAttention) and module.qkv is not None:
-            add(*module.qkv, max_rows)
-            fused_parts.update(id(m) for m in (module.q_proj, module.k_proj, module.v_proj))
-        elif isinstance(module, SwiGLUMLP) and module.gate_up is not None:
-            add(*module.gate_up, max_rows)
-            fused_parts.update(id(m) for m in (module.gate_proj, module.up_proj))
+        for name, parts in FUSED_PARTS.items():
+            if isinstance(fused := getattr(module, name, None), tuple):
+                add(*fused, max_rows)
+                fused_parts.update(id(getattr(module, p)) for p in parts)
     for module in run:
         if isinstance(module, Linear) and id(module) not in fused_parts:
             add(module.weight, module.bias, max_rows)
@@ -685,9 +686,8 @@ def paged_attention(
     kv_heads, v_dim = k_pool.shape[1], v_pool.shape[2]
     n_rep = heads // kv_heads
     if kernels.supports(q, k_pool, v_pool):
-        if new_kv is not None and window is None and sinks is None and softcap is None:
-            return _native_attention(q, k_pool, v_pool, batch, scale, window, sinks, softcap, new_kv)
-        return _native_attention(q, k_pool, v_pool, batch, scale, window, sinks, softcap)
+        sdpa_kv = new_kv if window is None and sinks is None and softcap is None else None
+        return _native_attention(q, k_pool, v_pool, batch, scale, window, sinks, softcap, sdpa_kv)
     # Elsewhere (or where the kernels cannot run) the contexts are gathered and attended with torch.
     groups = batch.memo(("attention_groups", q.device), lambda: _attention_groups(batch, q.device))
     out = None
