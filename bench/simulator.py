@@ -1,13 +1,15 @@
 """Simulated vs measured: SmolLM2 on this CPU, several splits at PP2 and PP3, two workloads.
 
-1. `pipesplit profile` (the real runtime's layers, batches, scheduler and gloo transfers) on this
-   machine, once per thread count the runs use (the engine gives each stage cores // pp threads);
+1. `pipesplit profile` (the real runtime's layers, batches, scheduler and gloo transfers, and its
+   calibration against the engine at PP1 on a workload of its own) on this machine, once per
+   thread count the runs use (the engine gives each stage cores // pp threads);
 2. for each split, the real engine (`pipesplit.LLM`) runs each workload: all requests at once, and
    Poisson arrivals; every request produces exactly its output length (EOS ignored); `--rounds`
    times (default 2: the splits in order, then in reverse), the rounds' mean counting;
 3. `planner.simulator.simulate` runs the same requests (same token ids, same arrival times) with
    the profile, and the errors of output throughput and TTFT p50 are reported, with whether the
-   simulator orders the splits (by throughput, per PP and workload) as the measurements do.
+   simulator orders the splits (by throughput, per PP and workload) as the measurements do; the
+   summary also gives the errors of the pieces alone (the calibration's scales set to 1).
 
     .venv/bin/python bench/simulator.py              # the full run (~15-20 minutes on 2 cores)
     .venv/bin/python bench/simulator.py --quick      # two splits, small workloads: a smoke run
@@ -32,6 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pipesplit import LLM, SamplingParams  # noqa: E402
 from pipesplit.planner.simulator import (  # noqa: E402
     PipelineConfig,
+    Profile,
     RequestTimes,
     SimResult,
     Workload,
@@ -90,18 +93,29 @@ def run_real(llm: LLM, workload: Workload) -> tuple[list[RequestTimes], float, f
     return list(done.values()), min(arrived.values()), end
 
 
+def pieces_only(profile: Profile) -> Profile:
+    """The profile without its calibration against the engine."""
+    return dataclasses.replace(profile, prefill_scale=1.0, decode_scale=1.0)
+
+
 def mean_result(runs: list[SimResult]) -> SimResult:
     """The rounds' mean of each measured metric (the first round's counts otherwise)."""
     metrics = ("output_tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "makespan")
     return dataclasses.replace(runs[0], **{k: statistics.fmean(getattr(r, k) for r in runs) for k in metrics})
 
 
-def compare_row(pp, partition, name, measured, simulated) -> dict:
+def compare_row(pp, partition, name, measured, simulated, uncalibrated=None) -> dict:
+    """One split and workload: the measurement against the simulation, and against the simulation
+    with the pieces alone (the profile's prefill and decode scales set to 1) where given."""
     row = {"pp": pp, "partition": list(partition), "workload": name,
            "measured": measured.to_json(), "simulated": simulated.to_json()}
+    if uncalibrated is not None:
+        row["simulated_uncalibrated"] = uncalibrated.to_json()
     for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
         m, s = getattr(measured, key), getattr(simulated, key)
         row[f"error_{key}"] = (s - m) / m
+        if uncalibrated is not None:
+            row[f"error_uncalibrated_{key}"] = (getattr(uncalibrated, key) - m) / m
     print(f"PP{pp} {','.join(map(str, partition)):>8} {name:<11} tok/s measured "
           f"{measured.output_tokens_per_s:7.1f} simulated {simulated.output_tokens_per_s:7.1f} "
           f"({row['error_output_tokens_per_s']:+.1%}); TTFT p50 {measured.ttft_p50 * 1e3:7.1f} / "
@@ -117,6 +131,9 @@ def summarize_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
     for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
         errs = [abs(r[f"error_{key}"]) for r in rows]
         summary[key] = {"median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+        if all(f"error_uncalibrated_{key}" in r for r in rows):
+            errs = [abs(r[f"error_uncalibrated_{key}"]) for r in rows]
+            summary[key]["uncalibrated"] = {"median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
     orders = []
     for pp, name in dict.fromkeys((r["pp"], r["workload"]) for r in rows):
         group = [r for r in rows if r["pp"] == pp and r["workload"] == name]
@@ -131,7 +148,6 @@ def summarize_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
 def resimulate(path: str) -> int:
     """Recomputes the simulated side of a results file with the current simulator (same profiles,
     same workloads), e.g. after a simulator change; the measurements stay as they were."""
-    from pipesplit.planner.simulator import Profile
     from pipesplit.planner.spec import load_spec
 
     doc = json.loads(Path(path).read_text())
@@ -146,9 +162,10 @@ def resimulate(path: str) -> int:
         profile = profiles[max(1, cores // pp)]
         m = old["measured"]
         measured = SimResult(**{**m, "partition": partition, "stage_busy": tuple(m["stage_busy"])})
-        simulated = simulate_on_cpu(spec, partition, m["max_total_num_tokens"], profile, loads[old["workload"]],
-                                    PipelineConfig(**old.get("config", {})))
-        rows.append(compare_row(pp, partition, old["workload"], measured, simulated))
+        simulated, uncalibrated = (simulate_on_cpu(spec, partition, m["max_total_num_tokens"], p,
+                                                   loads[old["workload"]], PipelineConfig(**old.get("config", {})))
+                                   for p in (profile, pieces_only(profile)))
+        rows.append(compare_row(pp, partition, old["workload"], measured, simulated, uncalibrated))
     doc["summary"], doc["orders"] = summarize_rows(rows)
     doc["rows"] = rows
     print(json.dumps({"summary": doc["summary"], "orders": doc["orders"]}, indent=1))
@@ -177,7 +194,7 @@ def main() -> int:
         threads = max(1, cores // pp)
         if threads not in profiles:
             print(f"profiling smollm2 with {threads} thread(s)", file=sys.stderr, flush=True)
-            profiles[threads] = profile_model("smollm2", "cpu", args.dtype, threads, args.repeats)
+            profiles[threads] = profile_model("smollm2", "cpu", args.dtype, threads, args.repeats, calibrate=True)
     profile_seconds = time.perf_counter() - started
 
     # Each split's engine runs the workloads once per round; rounds go over the splits forwards,
@@ -214,9 +231,9 @@ def main() -> int:
         for name, workload in loads.items():
             runs = measured_runs[pp, partition, name]
             measured = mean_result(runs)
-            simulated = simulate_on_cpu(spec, partition, capacities[pp, partition], profile, workload,
-                                        configs[pp, partition])
-            row = compare_row(pp, partition, name, measured, simulated)
+            simulated, uncalibrated = (simulate_on_cpu(spec, partition, capacities[pp, partition], p, workload,
+                                                       configs[pp, partition]) for p in (profile, pieces_only(profile)))
+            row = compare_row(pp, partition, name, measured, simulated, uncalibrated)
             row["config"] = dataclasses.asdict(configs[pp, partition])
             row["rounds"] = [r.to_json() for r in runs]
             rows.append(row)

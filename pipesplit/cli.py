@@ -118,6 +118,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     prof.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     prof.add_argument("--threads", type=int, default=None, help="torch threads (the runtime uses cores / pp)")
     prof.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    prof.add_argument("--calibrate", action="store_true",
+                      help="also run the engine on a short workload and scale the pieces to its measured steps")
     prof.add_argument("--out", required=True, help="JSON file to write")
 
     gen = sub.add_parser("generate", help="run a model as a pipeline and generate text")

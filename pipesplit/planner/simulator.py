@@ -98,6 +98,11 @@ class StepShape:
     samples: int
 
 
+def has_prefill(shape: StepShape) -> bool:
+    """Whether the step computes a prefill chunk (some sequence brings more than one new token)."""
+    return shape.tokens > shape.seqs
+
+
 def shape_of(batch: ScheduledBatch) -> StepShape:
     seqs = batch.message.seqs
     attention = context = 0
@@ -173,7 +178,17 @@ class Profile:
     # a layer's time while every other core group (cores // threads in all) runs a stage too, over
     # its time alone: shared memory bandwidth and caches (CPU; 1.0 where not measured)
     corun_slowdown: float = 1.0
+    # the real engine's stage step times over what the pieces (and on a CPU the co-running model)
+    # charge for them, on a calibration workload with `threads` per stage (`pipesplit profile`):
+    # over the steps with a prefill chunk, and over the decode-only steps
+    prefill_scale: float = 1.0
+    decode_scale: float = 1.0
     meta: dict | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_scale", "decode_scale", "corun_slowdown"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"the profile's {name} is {getattr(self, name)}; rerun `pipesplit profile`")
 
     def to_json(self) -> dict:
         doc = asdict(self)
@@ -206,9 +221,10 @@ def load_profile(path: str) -> Profile:
 class ProfileCosts:
     """Step costs from a measured profile: each stage sums its layers' fitted times.
 
-    The profile timed one stage alone; `contention` stretches every stage's compute when stages
-    run at the same time on one CPU: they share its memory bandwidth and caches, and beyond its
-    cores its cores too (see `simulate_on_cpu`).
+    The profile timed the pieces alone, and the engine on a calibration workload: its prefill and
+    decode scales stretch the sum to what the engine's steps took. `contention`
+    stretches every stage's compute when stages run at the same time on one CPU: they share its
+    memory bandwidth and caches, and beyond its cores its cores too (see `simulate_on_cpu`).
     """
 
     profile: Profile
@@ -229,7 +245,7 @@ class ProfileCosts:
             t += p.embedding(shape)
         if last and shape.samples:
             t += p.head(shape)
-        return t * self.contention
+        return t * (p.prefill_scale if has_prefill(shape) else p.decode_scale) * self.contention
 
     def transfer_seconds(self, num_bytes: int) -> float:
         return self.profile.transfer_latency + self.profile.transfer_per_byte * num_bytes
@@ -573,6 +589,17 @@ def chunk_pipeline_ttft(spec: ModelSpec, partition: Sequence[int], costs: StepCo
     return done[-1]
 
 
+def cpu_contention(profile: Profile, concurrency: float) -> float:
+    """How much slower a CPU stage computes while `concurrency` stages do on average (see
+    `simulate_on_cpu`): 1.0 alone or off the CPU."""
+    cores = (profile.meta or {}).get("cpu_count") or 0
+    if profile.device != "cpu" or cores < 1:
+        return 1.0
+    groups = max(1, cores // profile.threads)
+    shared = 1.0 if groups == 1 else min(1.0, max(0.0, concurrency - 1) / (groups - 1))
+    return (1 + (profile.corun_slowdown - 1) * shared) * max(1.0, concurrency * profile.threads / cores)
+
+
 def simulate_on_cpu(spec: ModelSpec, partition: Sequence[int], capacity: int, profile: Profile, workload: Workload,
                     config: PipelineConfig = PipelineConfig(), iterations: int = 4) -> SimResult:
     """`simulate` with a CPU profile, the stages sharing the profiled machine.
@@ -586,16 +613,12 @@ def simulate_on_cpu(spec: ModelSpec, partition: Sequence[int], capacity: int, pr
     uncontended run; a split that leaves stages idle (6,24 or 20,5,5) then suffers less than an
     even one.
     """
-    cores = (profile.meta or {}).get("cpu_count") or 0
     factor = 1.0
     result = simulate(spec, partition, capacity, ProfileCosts(profile, spec, factor), workload, config)
-    if profile.device != "cpu" or cores < 1 or len(partition) == 1:
+    if profile.device != "cpu" or not (profile.meta or {}).get("cpu_count") or len(partition) == 1:
         return result
-    groups = max(1, cores // profile.threads)
     for _ in range(iterations):
-        concurrency = sum(result.stage_busy)
-        shared = 1.0 if groups == 1 else min(1.0, max(0.0, concurrency - 1) / (groups - 1))
-        wanted = (1 + (profile.corun_slowdown - 1) * shared) * max(1.0, concurrency * profile.threads / cores)
+        wanted = cpu_contention(profile, sum(result.stage_busy))
         if abs(wanted - factor) < 0.01:
             break
         factor = (factor + wanted) / 2 if wanted < factor else wanted

@@ -356,6 +356,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._store = store  # rank 0's rendezvous store; None: from the torchrun environment
         self.watched = watched  # a SpawnedStages watcher reports stage deaths (names the stage)
+        # called in the engine thread with each completed step and every stage's compute seconds
+        # for it (forward, and sampling on the last); `pipesplit profile` calibrates against these
+        self.on_step: Callable[[ScheduledBatch, list[float]], None] | None = None
 
     # start-up runs in the caller's thread so that load errors surface there
     def start(self) -> None:
@@ -498,6 +501,8 @@ class Engine:
         elapsed = time.perf_counter() - started
         if self.num_stages == 1:
             tokens = self.stage.sample(message, out).tolist() if message.num_samples else []
+            if self.on_step is not None:
+                self.on_step(batch, [time.perf_counter() - started])
             self._record_step_times([elapsed])
             self._complete(batch, tokens)
             return
@@ -530,6 +535,8 @@ class Engine:
             work.wait()
         reply = flight.reply.cpu()
         self._record_step_times(reply[n:].tolist())
+        if self.on_step is not None:
+            self.on_step(flight.batch, reply[n:].tolist())
         self._complete(flight.batch, [int(t) for t in reply[:n].tolist()])
 
     def _await_replies(self) -> None:

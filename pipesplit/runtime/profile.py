@@ -9,10 +9,22 @@ per-step bookkeeping (`AttentionBatch.for_sequences` and the step message), rank
 bytes (gloo or NCCL between two local processes), and on a CPU how much slower a layer runs while
 stages in other processes compute on the other cores (`corun_slowdown`: they share the memory
 bandwidth and caches). Every measurement is a median of repeats.
+
+Then the real engine runs a short workload of its own with the same threads per stage, on a CPU
+as many stages as the cores hold (PP2 for one thread on two cores), with `--calibrate`:
+each stage's compute time of each step is set against what the simulator charges for it (the
+pieces, stretched by the co-running model at the run's measured concurrency), and the ratios of
+the sums, over the steps with a prefill chunk and over the decode-only ones, become the profile's
+prefill and decode scales. They carry what the pieces timed apart miss (a whole stage's caches and
+memory traffic beside the other stages, the allocator, the kernels the engine picks at start-up)
+into every split the simulator prices. It is off by default: in two runs of bench/simulator.py on
+a 2-core Zen 4 (2026-12-03; calibrated at PP1 in the first, as here in the second) it did not make
+the simulation more accurate than the pieces alone (the bench reports both).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -24,7 +36,18 @@ from collections.abc import Callable, Sequence
 import torch
 
 from pipesplit.errors import UserError
-from pipesplit.planner.simulator import Linear, Profile, StepShape, layer_kind
+from pipesplit.planner.partition import stage_ranges
+from pipesplit.planner.simulator import (
+    Linear,
+    Profile,
+    ProfileCosts,
+    StepShape,
+    Workload,
+    cpu_contention,
+    has_prefill,
+    layer_kind,
+    shape_of,
+)
 from pipesplit.runtime.kv_cache import SlotAllocator, allocate_pools
 from pipesplit.runtime.messages import decode, encode
 from pipesplit.runtime.models.layers import AttentionBatch
@@ -349,6 +372,73 @@ def _corun_slowdown(model: str, dtype: str, threads: int, repeats: int) -> float
     return max(1.0, ratio ** (1 / len(alone)))
 
 
+# -- calibration: the real engine against the pieces ----------------------------------------------------
+# A workload unlike bench/simulator.py's (20 requests of 32-128 prompt and 16-32 output tokens):
+# prefill steps of many chunks, then decode batches that shrink as requests finish.
+CALIBRATION_REQUESTS, CALIBRATION_PROMPT, CALIBRATION_OUTPUT, CALIBRATION_SEED = 16, (48, 320), (24, 48), 7
+
+
+def step_scales(steps: Sequence[tuple[StepShape, Sequence[float]]],
+                predict: Callable[[int, StepShape], float]) -> tuple[float, float]:
+    """Measured over predicted seconds (`predict(stage, shape)`), each summed over every stage of
+    the steps with a prefill chunk and of the decode-only steps: (prefill scale, decode scale),
+    1.0 for a kind without steps."""
+    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    for shape, seconds in steps:
+        kind = sums[has_prefill(shape)]
+        kind[0] += sum(seconds)
+        kind[1] += sum(predict(stage, shape) for stage in range(len(seconds)))
+    prefill, decode = (m / p if m > 0 and p > 0 else 1.0 for m, p in (sums[True], sums[False]))
+    return prefill, decode
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRun:
+    """The calibration run: the split, each step's shape and stage compute seconds, the span."""
+
+    partition: tuple[int, ...]
+    steps: list[tuple[StepShape, list[float]]]
+    seconds: float
+
+    @property
+    def concurrency(self) -> float:
+        """Stages computing at once on average: their busy time over the span."""
+        return sum(sum(t) for _, t in self.steps) / self.seconds if self.seconds > 0 else 1.0
+
+
+def _calibration_workload(capacity: int, max_position: int) -> Workload:
+    """The calibration requests, shortened where a small model's context or KV pool needs it."""
+    room = min(capacity // CALIBRATION_REQUESTS, max_position) - 1  # tokens one request may hold
+
+    def clip(span: tuple[int, int], most: int) -> tuple[int, int]:
+        low, high = (max(1, min(n, most)) for n in span)
+        return low, high
+
+    return Workload(CALIBRATION_REQUESTS, clip(CALIBRATION_PROMPT, room * 7 // 8), clip(CALIBRATION_OUTPUT, room // 8),
+                    seed=CALIBRATION_SEED)
+
+
+def _engine_run(model: str, device: str, dtype: str, threads: int, pp: int) -> EngineRun:
+    """The real engine, `pp` stages of `threads` threads, on the calibration workload (after a
+    warm-up): each step's shape and every stage's compute seconds for it."""
+    from pipesplit.runtime.engine import LLM
+
+    llm = LLM(model, pp=pp, dtype=dtype, device=device, threads=threads, log=False)
+    try:
+        llm.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4, ignore_eos=True))
+        draws = _calibration_workload(llm.max_total_num_tokens, llm.spec.max_position_embeddings).draw(
+            llm.spec.vocab_size)
+        steps: list[tuple[StepShape, list[float]]] = []
+        llm.engine.on_step = lambda batch, seconds: steps.append((shape_of(batch), seconds))
+        started = time.perf_counter()
+        llm.generate([prompt for _, prompt, _ in draws],
+                     [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, _, n in draws])
+        elapsed = time.perf_counter() - started
+    finally:
+        llm.close()
+    return EngineRun(tuple(llm.plan.partition), steps, elapsed)
+
+
 def _linear_fit_1d(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     """y = a + b x, relative least squares, a and b >= 0."""
     shapes = [StepShape(int(x), 0, 0, 0, 0) for x in xs]
@@ -358,7 +448,7 @@ def _linear_fit_1d(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, flo
 
 # -- the command ------------------------------------------------------------------------------------------
 def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threads: int | None = None,
-                  repeats: int = 5, log: Callable[[str], None] = lambda s: None) -> Profile:
+                  repeats: int = 5, log: Callable[[str], None] = lambda s: None, calibrate: bool = False) -> Profile:
     from pipesplit.runtime.loader import resolve_model
 
     if dtype not in DTYPES:
@@ -391,6 +481,13 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         log("profiling a layer beside co-running stages")
         corun = _corun_slowdown(model, dtype, threads, repeats)
 
+    run = None
+    if calibrate:  # on a CPU, as many stages as `threads` leaves room for, so that they co-run
+        pp = max(1, (os.cpu_count() or 1) // threads) if device == "cpu" else 1
+        log(f"calibrating against the engine at PP{pp}")
+        run = _engine_run(model, device, dtype, threads, pp)
+        torch.set_num_threads(threads)
+
     layer_features = ("base", "per_token", "per_seq", "per_attention", "per_context")
     raw = {
         "layers": {k: [[*_as_list(s), t] for s, t in zip(*v)] for k, v in layer_data.items()},
@@ -401,7 +498,7 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         "transfer": [[n, t] for n, t in zip(TRANSFER_BYTES, transfer)],
         "columns": ["tokens", "seqs", "attention", "context", "samples", "seconds"],
     }
-    return Profile(
+    pieces = Profile(
         model=spec.name,
         device=device,
         dtype=dtype,
@@ -419,6 +516,19 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         meta={"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "repeats": repeats, "layers_per_stack": stacks, "measurements": raw},
     )
+    if run is None:
+        return pieces
+    # what the simulator charges each step of that run: the pieces, stretched on a CPU as its
+    # co-running model does at the run's own concurrency
+    charged = ProfileCosts(pieces, spec, cpu_contention(pieces, run.concurrency) if len(run.partition) > 1 else 1.0)
+    ranges, last = stage_ranges(run.partition), len(run.partition) - 1
+    prefill, decode = step_scales(run.steps, lambda stage, shape: charged.stage_seconds(
+        stage, ranges[stage], stage == 0, stage == last, shape))
+    raw["calibration"] = {"partition": list(run.partition), "seconds": run.seconds, "concurrency": run.concurrency,
+                          "contention": charged.contention,
+                          "steps": [[*_as_list(shape), *t] for shape, t in run.steps]}
+    return dataclasses.replace(pieces, prefill_scale=prefill, decode_scale=decode,
+                               meta={**pieces.meta, "seconds": round(time.perf_counter() - started, 1)})
 
 
 def _as_list(shape: StepShape) -> list[int]:
@@ -427,10 +537,13 @@ def _as_list(shape: StepShape) -> list[int]:
 
 def profile_command(args) -> int:
     profile = profile_model(args.model, args.device, args.dtype, args.threads, args.repeats,
-                            log=lambda s: print(f"pipesplit profile: {s}", file=sys.stderr, flush=True))
+                            log=lambda s: print(f"pipesplit profile: {s}", file=sys.stderr, flush=True),
+                            calibrate=args.calibrate)
     with open(args.out, "w") as f:
         json.dump(profile.to_json(), f, indent=1)
+    calibrated = (f"engine steps {profile.prefill_scale:.2f}x (prefill) and {profile.decode_scale:.2f}x (decode) "
+                  f"the pieces, " if args.calibrate else "")
     print(f"wrote {args.out}: {profile.model} on {profile.device} ({profile.dtype}, {profile.threads} threads), "
-          f"{len(profile.layers)} layer kind(s), co-run slowdown {profile.corun_slowdown:.2f}, "
+          f"{len(profile.layers)} layer kind(s), co-run slowdown {profile.corun_slowdown:.2f}, {calibrated}"
           f"measured in {profile.meta['seconds']} s")
     return 0

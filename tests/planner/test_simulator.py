@@ -171,6 +171,26 @@ def test_profile_costs_sum_the_fitted_pieces_and_round_trip_json(tmp_path):
         ProfileCosts(profile, load_spec("qwen3-30b-a3b"))
 
 
+def test_calibration_scales_stretch_prefill_and_decode_steps_apart():
+    pieces = Profile("tiny", "cpu", "float32", 1, SMOL.hidden_size, 4, {"dense": Linear(base=1e-3, per_token=1e-5)},
+                     embedding=Linear(base=1e-4), head=Linear(base=2e-3, per_sample=1e-4),
+                     stage_step=Linear(base=5e-5), schedule=Linear(base=3e-5), transfer_latency=1e-4,
+                     transfer_per_byte=1e-9)
+    doc = {**pieces.to_json(), "prefill_scale": 1.5, "decode_scale": 0.8}
+    calibrated = Profile.from_json(json.loads(json.dumps(doc)))
+    prefill = StepShape(tokens=300, seqs=3, attention=5000, context=300, samples=3)
+    mixed = StepShape(tokens=40, seqs=9, attention=900, context=600, samples=9)  # 8 decodes and a chunk
+    decode = StepShape(tokens=8, seqs=8, attention=800, context=800, samples=8)
+    for shape, scale in ((prefill, 1.5), (mixed, 1.5), (decode, 0.8)):
+        plain, stretched = (ProfileCosts(p, SMOL).stage_seconds(1, (0, 30), False, True, shape) for p in (pieces, calibrated))
+        assert stretched == pytest.approx(scale * plain)
+    assert ProfileCosts(calibrated, SMOL).schedule_seconds(decode) == ProfileCosts(pieces, SMOL).schedule_seconds(decode)
+    old = {k: v for k, v in pieces.to_json().items() if not k.endswith("_scale")}  # written before calibration
+    assert Profile.from_json(old).prefill_scale == Profile.from_json(old).decode_scale == 1.0
+    with pytest.raises(UserError, match="decode_scale"):
+        Profile.from_json({**doc, "decode_scale": 0})
+
+
 # -- objectives ----------------------------------------------------------------------------------------------------
 def test_compositions_are_every_contiguous_split():
     for layers, stages in [(6, 1), (6, 2), (7, 3), (8, 4)]:

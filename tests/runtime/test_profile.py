@@ -32,6 +32,30 @@ def test_fit_never_returns_a_negative_coefficient():
     assert got.per_token == 0 and got.base > 0
 
 
+def test_step_scales_are_measured_over_predicted_per_step_kind():
+    piece = Linear(base=1e-3, per_token=1e-5)
+    predict = lambda stage, shape: (stage + 1) * piece(shape)  # noqa: E731 -- stage 1 holds twice the layers
+    rng = random.Random(1)
+    prefills = [StepShape(t, s, t * 4, t, s) for t, s in ((rng.randint(20, 900), rng.randint(1, 8)) for _ in range(5))]
+    decodes = [StepShape(n, n, n * 50, n * 50, n) for n in range(1, 30, 3)]
+    measured = lambda shape, scale: [scale * predict(stage, shape) for stage in (0, 1)]  # noqa: E731
+    steps = [(shape, measured(shape, 1.6)) for shape in prefills] + [(shape, measured(shape, 0.9)) for shape in decodes]
+    rng.shuffle(steps)
+    assert profiler.step_scales(steps, predict) == pytest.approx((1.6, 0.9))
+    assert profiler.step_scales(steps[:0], predict) == (1.0, 1.0)  # nothing measured: the pieces stand
+    alone = [(shape, [2 * predict(0, shape)]) for shape in decodes]  # PP1: one stage's times
+    assert profiler.step_scales(alone, predict) == pytest.approx((1.0, 2.0))
+
+
+def test_the_calibration_workload_fits_a_small_model():
+    full = profiler._calibration_workload(100_000, 8192)
+    assert (full.prompt_len, full.output_len) == (profiler.CALIBRATION_PROMPT, profiler.CALIBRATION_OUTPUT)
+    small = profiler._calibration_workload(100_000, 128)
+    assert small.prompt_len[1] + small.output_len[1] < 128
+    tight = profiler._calibration_workload(16 * 40, 8192)
+    assert tight.prompt_len[1] + tight.output_len[1] < 40
+
+
 @pytest.fixture(scope="module")
 def small_grids():
     """A smaller measurement grid: the test checks the plumbing, the bench the accuracy."""
@@ -47,7 +71,7 @@ def test_profile_command_measures_every_layer_kind(tiny_checkpoints, tiny_moe_ch
                                                    capsys, name, kinds):
     folder = {**tiny_checkpoints, **tiny_moe_checkpoints}[name]
     out = tmp_path / "profile.json"
-    assert main(["profile", str(folder), "--threads", "1", "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["profile", str(folder), "--threads", "1", "--repeats", "1", "--calibrate", "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     profile = load_profile(str(out))
     assert set(profile.layers) == kinds
@@ -58,6 +82,22 @@ def test_profile_command_measures_every_layer_kind(tiny_checkpoints, tiny_moe_ch
     costs = ProfileCosts(profile, load_spec(str(folder)))
     shape = StepShape(8, 8, 100, 100, 8)
     assert costs.stage_seconds(0, (0, 1), True, False, shape) > 0
+    calibration = raw["calibration"]  # the engine's own steps, both kinds, every stage timed
+    steps = [StepShape(*row[:5]) for row in calibration["steps"]]
+    assert any(s.tokens > s.seqs for s in steps) and any(s.tokens == s.seqs for s in steps)
+    stages = len(calibration["partition"])
+    assert all(len(row) == 5 + stages and min(row[5:]) > 0 for row in calibration["steps"])
+    assert calibration["concurrency"] > 0 and calibration["contention"] >= 1.0
+    assert profile.prefill_scale > 0 and profile.decode_scale > 0
+    assert profile.prefill_scale != 1.0 and profile.decode_scale != 1.0  # measured, not the default
+
+
+def test_profile_without_calibrate_keeps_the_pieces(tiny_checkpoints, small_grids, tmp_path):
+    out = tmp_path / "profile.json"
+    assert main(["profile", str(tiny_checkpoints["llama"]), "--threads", "1", "--repeats", "1", "--out", str(out)]) == 0
+    profile = load_profile(str(out))
+    assert (profile.prefill_scale, profile.decode_scale) == (1.0, 1.0)
+    assert "calibration" not in json.loads(out.read_text())["meta"]["measurements"]
 
 
 def test_profile_bad_input(capsys):
