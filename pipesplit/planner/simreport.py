@@ -152,11 +152,12 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.profile and args.gpu:
         raise UserError("give --profile (measured costs) or --gpu (roofline), not both")
     if args.profile:
-        from pipesplit.runtime.plan_bridge import budgets_for, runtime_plan
+        from pipesplit.runtime.plan_bridge import budgets_for, packs_tied_head, runtime_plan
 
         profile = load_profile(args.profile)
         budgets = budgets_for(spec, args.pp, "cpu", args.mem_budget, 0.9)
-        plan = runtime_plan(spec, args.pp, args.strategy, args.partition, profile.dtype, budgets)
+        plan = runtime_plan(spec, args.pp, args.strategy, args.partition, profile.dtype, budgets,
+                            packed_tied_head=packs_tied_head(spec, profile.device, profile.dtype))
         costs: StepCosts = ProfileCosts(profile, spec)
     else:
         if not args.gpu:

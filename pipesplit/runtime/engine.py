@@ -726,7 +726,7 @@ class LLM:
         from pipesplit.planner.plan import window_pool_for
         from pipesplit.runtime.dtype import choose_dtype
         from pipesplit.runtime.loader import resolve_model
-        from pipesplit.runtime.plan_bridge import budgets_for, check_fits, runtime_plan
+        from pipesplit.runtime.plan_bridge import budgets_for, check_fits, packs_tied_head, runtime_plan
         from pipesplit.runtime.tokenizer import load_tokenizer_or_none
 
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -754,7 +754,9 @@ class LLM:
         )
         window_pool = window_pool_for(self.spec, max_running_requests, max_batch_tokens, scheduler_config.micro_batches)
         budgets = budgets_for(self.spec, pp, device, mem_budget_gib, mem_fraction)
-        self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp, window_pool)
+        packed_tied_head = packs_tied_head(self.spec, device, dtype)
+        self.plan: Plan = runtime_plan(self.spec, pp, strategy, partition, dtype, budgets, mtp, window_pool,
+                                       packed_tied_head)
         check_fits(self.plan, device)
         cpu_threads = threads or max(1, (os.cpu_count() or 1) // pp)
         # progress bars only where a person watches: logging on and stderr a terminal (each stage checks its own)
@@ -765,7 +767,8 @@ class LLM:
         config = RunConfig(model, self.plan, dtype, device, budgets, mem_fraction, cpu_threads, mtp,
                            window_pool=window_pool, progress=progress, heartbeat_port=heartbeat_port,
                            max_step_tokens=max_batch_tokens,
-                           max_step_samples=min(max_running_requests, max_batch_tokens))
+                           max_step_samples=min(max_running_requests, max_batch_tokens),
+                           packed_tied_head=packed_tied_head)
         self._spawned = SpawnedStages(pp, device, cpu_threads) if not torchrun and pp > 1 else None
         if self._spawned is not None:
             store = self._spawned.store

@@ -89,6 +89,9 @@ class RunConfig:
     # kernels for every padded row count up to these at start-up (0: none built ahead).
     max_step_tokens: int = 0
     max_step_samples: int = 0
+    # a CPU stage holding the embedding and a head tied to it gives the head a packed copy of the
+    # weight (see plan_bridge.packs_tied_head; the plan charges those bytes)
+    packed_tied_head: bool = False
 
 
 @dataclass(frozen=True)

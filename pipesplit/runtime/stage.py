@@ -102,7 +102,7 @@ class Stage:
         # after the load time: packing weights, choosing kernels and building them is not loading
         self.tuning = ""  # the start-up line's phrase for the kernel choice
         if device.type == "cpu":
-            self.tuning = tune_cpu_stage(self.model)
+            self.tuning = tune_cpu_stage(self.model, config.packed_tied_head)
             warm_gemms(self.model, config.max_step_tokens, config.max_step_samples)
         self.param_bytes = live_weight_bytes(self.model)
 

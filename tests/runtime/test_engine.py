@@ -9,7 +9,7 @@ import torch
 
 from pipesplit import LLM, SamplingParams
 from pipesplit.planner.spec import load_spec
-from pipesplit.runtime.plan_bridge import runtime_plan
+from pipesplit.runtime.plan_bridge import packs_tied_head, runtime_plan
 from tests.planner.test_partition import compositions
 
 GiB = 1 << 30
@@ -30,10 +30,11 @@ def hf_greedy(folder, prompts, max_tokens):
     return outs
 
 
-def checkpoint_stage_bytes(folder, partition, mtp: bool = False) -> list[int]:
+def checkpoint_stage_bytes(folder, partition, mtp: bool = False, tied_copy: bool = False) -> list[int]:
     """Bytes each stage holds, summed from the checkpoint's own tensor headers (float32): its layers,
     the embedding on the first stage, final norm and lm_head (the embedding when tied) on the last,
-    and with `mtp` the module stored after the last layer (model.layers.<num_layers>.*)."""
+    and with `mtp` the module stored after the last layer (model.layers.<num_layers>.*). A tied
+    head on the embedding's own stage reads the embedding, or with `tied_copy` a copy of its own."""
     import json
     import re
     from pathlib import Path
@@ -60,7 +61,8 @@ def checkpoint_stage_bytes(folder, partition, mtp: bool = False) -> list[int]:
         if i == 0:
             total += embed
         if i == len(partition) - 1:
-            total += head - (embed if tied and len(partition) == 1 else 0) + (per_layer[num_layers] if mtp else 0)
+            total += head - (embed if tied and len(partition) == 1 and not tied_copy else 0)
+            total += per_layer[num_layers] if mtp else 0
         stages.append(total)
         start += n
     return stages
@@ -78,22 +80,22 @@ def kv_bytes_per_layer_token(folder) -> int:
     return 4 * 2 * c["num_key_value_heads"] * head_dim
 
 
-def check_plan_against_brute_force(llm, folder, pp, partition, budget_bytes, mtp=False) -> None:
+def check_plan_against_brute_force(llm, folder, pp, partition, budget_bytes, mtp=False, tied_copy=False) -> None:
     reports = llm.stage_reports
     check_stages_against_brute_force(folder, pp, partition, budget_bytes, llm.plan.partition,
                                      [r.param_bytes for r in reports], [r.kv_tokens for r in reports],
-                                     llm.max_total_num_tokens, mtp)
+                                     llm.max_total_num_tokens, mtp, tied_copy)
 
 
 def check_stages_against_brute_force(folder, pp, partition, budget_bytes, chosen, param_bytes, kv_tokens,
-                                     max_total_num_tokens, mtp=False) -> None:
+                                     max_total_num_tokens, mtp=False, tied_copy=False) -> None:
     """The stages' measured bytes equal the checkpoint's; their KV tokens follow (budget - weights) //
     (layers x KV bytes); without a partition the chosen split has the best capacity of every contiguous one."""
     per_token = kv_bytes_per_layer_token(folder)
     chosen = tuple(chosen)
 
     def capacity(split):
-        weights = checkpoint_stage_bytes(folder, split, mtp)
+        weights = checkpoint_stage_bytes(folder, split, mtp, tied_copy)
         return min((budget_bytes - w) // (n * per_token) for w, n in zip(weights, split)), weights
 
     if partition:
@@ -110,16 +112,20 @@ def check_stages_against_brute_force(folder, pp, partition, budget_bytes, chosen
 
 @pytest.mark.parametrize(
     "name,pp,partition",
-    [("llama", 2, None), ("llama", 3, "1,3,1"), ("llama_tied", 2, "3,1"), ("llama_tied", 3, None), ("qwen2", 2, "1,3")],
+    [("llama", 2, None), ("llama", 3, "1,3,1"), ("llama_tied", 2, "3,1"), ("llama_tied", 3, None), ("qwen2", 2, "1,3"),
+     ("llama_tied", 1, None)],
 )
 def test_capacity_and_weights_equal_the_planners_prediction(tiny_checkpoints, name, pp, partition):
     folder = str(tiny_checkpoints[name])
     budget_gib = 0.004
     spec = load_spec(folder)
     budgets = (int(budget_gib * GiB),) * pp
-    predicted = runtime_plan(spec, pp, None, partition, "float32", budgets)
+    # a tied head on the embedding's stage (PP1), on a CPU whose oneDNN packs float32: a packed copy
+    copy = packs_tied_head(spec, "cpu", "float32")
+    assert copy == (name == "llama_tied")
+    predicted = runtime_plan(spec, pp, None, partition, "float32", budgets, packed_tied_head=copy)
     with LLM(folder, pp=pp, partition=partition, mem_budget_gib=budget_gib, dtype="float32", log=False) as llm:
-        check_plan_against_brute_force(llm, folder, pp, partition, budgets[0])
+        check_plan_against_brute_force(llm, folder, pp, partition, budgets[0], tied_copy=copy)
         assert llm.max_total_num_tokens == predicted.max_total_num_tokens  # the planner predicted it
         for stage, report in zip(predicted.stages, llm.stage_reports):
             assert report.param_bytes == stage.weight_bytes

@@ -284,6 +284,30 @@ def test_rotary_matches_its_formula(dtype, tolerance, heads, dim):
     torch.testing.assert_close(got.double(), rotary_reference(x, cos, sin), atol=tolerance, rtol=tolerance)
 
 
+def swiglu_reference(gate, up):
+    """silu(gate) rounded to the dtype, times up, rounded again (torch's two ops), in float64."""
+    g = gate.double()
+    return rounded(rounded(g / (1 + torch.exp(-g)), gate.dtype) * up.double(), gate.dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("rows,dim", [(1, 1536), (70, 64), (3, 37)])
+def test_swiglu_matches_its_formula_on_the_halves_of_a_fused_output(dtype, tolerance, rows, dim):
+    """bfloat16: the float32 sigmoid is a few ulp from the exact one, far under bfloat16's ulp, so
+    the rounded results agree exactly (but where a value sits on a rounding boundary: none here)."""
+    gen = torch.Generator().manual_seed(rows + dim)
+    fused = (torch.randn(rows, 2 * dim, generator=gen) * 6).to(dtype)
+    fused[0, :4] = torch.tensor([0.0, -100.0, 100.0, -0.5])  # silu's far tails and zero
+    gate, up = fused.chunk(2, dim=-1)
+    if not kernels.swiglu_supported(gate, up):
+        pytest.skip("the library computes SwiGLU with AVX-512 only; torch's ops serve elsewhere")
+    got = kernels.swiglu(gate, up)
+    assert got.is_contiguous() and got.shape == (rows, dim) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), swiglu_reference(gate, up), atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, atol=tolerance, rtol=tolerance)
+
+
 @needs_kernel
 def test_element_wise_kernels_give_the_same_answer_on_any_thread_count():
     """Over SERIAL_ROWS rows the rows are split over the threads; at or under it one thread runs."""
@@ -299,7 +323,7 @@ def test_element_wise_kernels_give_the_same_answer_on_any_thread_count():
         for n in (1, 4):
             torch.set_num_threads(n)
             answers.append((kernels.rms_norm(x, weight, 1e-5), kernels.rotary(x.view(rows, 9, 64), cos, sin),
-                            kernels.rms_norm(x[:5], weight, 1e-5)))
+                            kernels.rms_norm(x[:5], weight, 1e-5), kernels.swiglu(x[:, :288], x[:, 288:])))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*answers))

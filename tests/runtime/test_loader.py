@@ -365,6 +365,20 @@ def test_packed_gemm_weights_compute_the_same_logits_in_the_same_bytes(request, 
 
     for want, got in zip(logits(plain), logits(packed)):
         torch.testing.assert_close(got, want, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=0)
+    if spec.tie_word_embeddings:  # the tied head's own packed copy: the same logits, its bytes once more
+        from pipesplit.runtime.plan_bridge import packs_tied_head, runtime_plan
+
+        assert packs_tied_head(spec, "cpu", str(dtype).removeprefix("torch."))
+        copied = load_stage(source, spec, (0, spec.num_layers), True, True, dtype)
+        pack_gemm_weights(copied, tied_head=True)
+        assert copied.head_weight().is_mkldnn and not copied.model.embed_tokens.weight.is_mkldnn
+        head = spec.vocab_size * spec.hidden_size * dtype.itemsize
+        assert live_weight_bytes(copied) == held + head
+        for want, got in zip(logits(plain), logits(copied)):
+            torch.testing.assert_close(got, want, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=0)
+        plans = [runtime_plan(spec, 1, None, None, str(dtype).removeprefix("torch."), (1 << 30,), packed_tied_head=p)
+                 for p in (False, True)]
+        assert [p.stages[0].weight_bytes for p in plans] == [held, held + head]
     # linear on a packed weight: any row count (padded inside), 3-D inputs, no rows
     weight, bias = torch.randn(24, 16, dtype=dtype), torch.randn(24, dtype=dtype)
     for shape in [(1, 16), (17, 16), (3, 5, 16), (0, 16)]:

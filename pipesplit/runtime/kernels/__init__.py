@@ -3,9 +3,8 @@
 `decode_attention.c`: one query per sequence over a paged KV pool, read in place.
 `prefill_attention.c`: causal attention of several new tokens per sequence over the pool, read in
 place, skipping the key blocks the mask hides (flash attention in float32).
-`elementwise.c`: RMSNorm (after the residual add, if asked) and rotate-half rotary embeddings,
-each one pass over the rows instead of several torch ops. (A fused SiLU(gate) * up measured no
-faster than torch's two ops here, so the MLP keeps those.)
+`elementwise.c`: RMSNorm (after the residual add, if asked), rotate-half rotary embeddings and
+SwiGLU's silu(gate) * up, each one pass over the rows instead of several torch ops.
 
 Where the compiler targets AVX512-BF16, bfloat16 attention sums its products with vdpbf16ps;
 elsewhere (or with PIPESPLIT_PORTABLE_KERNELS=1) portable C loops that the compiler vectorises.
@@ -48,6 +47,7 @@ _ARGTYPES = {
                           _F32, _P, _I64, _I32],
     "rms_norm": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I32, _F32, _I32],
     "rotary": [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32],
+    "swiglu": [_P, _P, _I64, _P, _I64, _I32, _I32],
 }
 
 
@@ -278,4 +278,26 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     out = x.new_empty(tokens, heads, dim)
     _call("rotary", x.dtype, x.data_ptr(), _row_stride(x), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads,
           dim, rows=tokens)
+    return out
+
+
+def swiglu_supported(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether `swiglu` serves these tensors: as `rows_supported`, and only where the library
+    computes it with AVX-512 (its plain loops are slower than torch's two ops)."""
+    return rows_supported(gate, up) and _swiglu_vectorised()
+
+
+@functools.cache
+def _swiglu_vectorised() -> bool:
+    return bool(_library()[0].swiglu_vectorised())
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate, up [rows, dim] with the same row stride (the halves of a fused
+    gate/up GEMM's output), each op's result rounded as torch's; returns a contiguous [rows, dim]."""
+    rows, dim = gate.shape
+    if up.shape != gate.shape or (rows > 1 and up.stride(0) != gate.stride(0)):
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} need one shape and row stride")
+    out = gate.new_empty(rows, dim)
+    _call("swiglu", gate.dtype, gate.data_ptr(), up.data_ptr(), _row_stride(gate), out.data_ptr(), rows, dim, rows=rows)
     return out

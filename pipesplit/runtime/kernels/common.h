@@ -1,5 +1,6 @@
-/* What the native kernels share: bfloat16 <-> float32, rows loaded and stored as float32, and a
- * vectorisable exp. */
+/* What the native kernels share: bfloat16 <-> float32, rows loaded and stored as float32, a
+ * vectorisable exp, and where the compiler targets AVX-512 that exp, a 16-lane row load and a
+ * 16-way lane sum in intrinsics. */
 #ifndef PIPESPLIT_COMMON_H
 #define PIPESPLIT_COMMON_H
 
@@ -13,10 +14,16 @@
 /* bfloat16 dot products in hardware (vdpbf16ps), where the compiler targets a CPU that has them
  * (PIPESPLIT_PORTABLE: the portable loops anyway) */
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(PIPESPLIT_PORTABLE)
-#include <immintrin.h>
 #define BF16_DOT 1
 #else
 #define BF16_DOT 0
+#endif
+/* 16-lane float32 intrinsics where the compiler targets AVX-512 (BF16_DOT implies it) */
+#if defined(__AVX512F__) && !defined(PIPESPLIT_PORTABLE)
+#include <immintrin.h>
+#define VEC512 1
+#else
+#define VEC512 0
 #endif
 
 INLINE float bf16_to_float(uint16_t x) {
@@ -81,6 +88,47 @@ INLINE float exp_nonpositive(float x) {
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
+
+#if VEC512
+/* exp_nonpositive on 16 lanes, the same steps */
+INLINE __m512 exp_nonpositive16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512i ni = _mm512_cvttps_epi32(_mm512_fmsub_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)));
+    const __m512 n = _mm512_cvtepi32_ps(ni);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+/* 16 elements of a bfloat16 (exactly, by widening) or float32 row as float32 */
+INLINE __m512 load16(int bf16, const void *p) {
+    if (!bf16) return _mm512_loadu_ps(p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* Lane i of the result: the sum of v[i]'s 16 lanes (a transposing tree of 45 operations, where
+ * 16 separate reductions take about 130). */
+INLINE __m512 sum_lanes16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* lane group g: [v2i, v2i+1, v2i, v2i+1] partial sums */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* lane group g: [v4i .. v4i+3] partial sums */
+        const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++) /* [v8i..+3, v8i..+3, v8i+4..+7, v8i+4..+7] */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+}
+#endif
 
 /* f rounded to the storage dtype and back: what a torch op's bfloat16 result holds. */
 INLINE float round_to(int bf16, float f) { return bf16 ? bf16_to_float(float_to_bf16(f)) : f; }

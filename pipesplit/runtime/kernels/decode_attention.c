@@ -38,42 +38,101 @@ INLINE void prefetch_kv(const void *k, const void *v, int64_t slot, int head, in
     prefetch_row((const char *)v + (size_t)(slot * v_slot + head * v_head) * elem, (size_t)v_dim * elem);
 }
 
+#if VEC512
+/* The K row of (slot, head) and the prefetch of the rows a block of 16 keys ahead. */
+#define K_ROW(J) ((const char *)k + (size_t)(slots[J] * k_slot + head * k_head) * elem)
+#define PREFETCH_AHEAD(J)                                                                                   \
+    if ((J) + PREFETCH_ROWS < context)                                                                      \
+        prefetch_kv(k, v, slots[(J) + PREFETCH_ROWS], head, dim, v_dim, k_slot, k_head, v_slot, v_head, elem)
+
+/* scores[r * context + j] = scale * q_r . k_j, 16 keys at a time: each key's products summed in a
+ * vector per query head, the 16 vectors reduced together (sum_lanes16), the rest one by one.
+ * bfloat16 rows (dim % 32 == 0, BF16_DOT) multiply in hardware (vdpbf16ps: exact products,
+ * float32 sums) straight from the pool; float32 rows need dim % 16 == 0. */
+INLINE void vec_scores(int bf16, const void *q, const void *k, const void *v, const int64_t *slots, int64_t context,
+                       int head, int n_rep, int dim, int v_dim, int64_t k_slot, int64_t k_head, int64_t v_slot,
+                       int64_t v_head, float scale, float *restrict scores) {
+    const size_t elem = bf16 ? 2 : 4;
+    const int lanes = bf16 ? 32 : 16, chunks = dim / lanes;
+    __m512 qv[n_rep * chunks];
+    for (int c = 0; c < n_rep * chunks; c++)
+        qv[c] = bf16 ? _mm512_castsi512_ps(_mm512_loadu_si512((const uint16_t *)q + 32 * c))
+                     : _mm512_loadu_ps((const float *)q + 16 * c);
 #if BF16_DOT
-/* scores[r * context + j] = scale * q_r . k_j for bfloat16 rows with dim % 32 == 0: products
- * summed by vdpbf16ps straight from the pool's rows (exact products, float32 sums), no
- * conversion. */
-INLINE void bf16_scores(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t context,
-                        int head, int n_rep, int dim, int v_dim, int64_t k_slot, int64_t k_head, int64_t v_slot,
-                        int64_t v_head, float scale, float *restrict scores) {
-    const int chunks = dim / 32;
-    __m512bh qv[n_rep * chunks];
-    for (int c = 0; c < n_rep * chunks; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
-    for (int64_t j = 0; j < context; j++) {
-        if (j + PREFETCH_ROWS < context)
-            prefetch_kv(k, v, slots[j + PREFETCH_ROWS], head, dim, v_dim, k_slot, k_head, v_slot, v_head, 2);
-        const uint16_t *row = k + slots[j] * k_slot + head * k_head;
-        __m512bh kv[chunks];
-        for (int c = 0; c < chunks; c++) kv[c] = (__m512bh)_mm512_loadu_si512(row + 32 * c);
+#define DOT(ACC, Q, ROW, C)                                                                                     \
+    (bf16 ? _mm512_dpbf16_ps(ACC, (__m512bh)(Q), (__m512bh)_mm512_loadu_si512((const uint16_t *)(ROW) + 32 * (C))) \
+          : _mm512_fmadd_ps(Q, _mm512_loadu_ps((const float *)(ROW) + 16 * (C)), ACC))
+#else
+#define DOT(ACC, Q, ROW, C) _mm512_fmadd_ps(Q, _mm512_loadu_ps((const float *)(ROW) + 16 * (C)), ACC)
+#endif
+    const __m512 scaled = _mm512_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 16 <= context; j += 16) {
+        const char *rows[16];
+        for (int i = 0; i < 16; i++) {
+            PREFETCH_AHEAD(j + i);
+            rows[i] = K_ROW(j + i);
+        }
+        for (int r = 0; r < n_rep; r++) {
+            __m512 acc[16];
+            for (int i = 0; i < 16; i++) {
+                acc[i] = _mm512_setzero_ps();
+                for (int c = 0; c < chunks; c++) acc[i] = DOT(acc[i], qv[r * chunks + c], rows[i], c);
+            }
+            _mm512_storeu_ps(scores + r * context + j, _mm512_mul_ps(scaled, sum_lanes16(acc)));
+        }
+    }
+    for (; j < context; j++) {
+        PREFETCH_AHEAD(j);
+        const char *row = K_ROW(j);
         for (int r = 0; r < n_rep; r++) {
             __m512 acc = _mm512_setzero_ps();
-            for (int c = 0; c < chunks; c++) acc = _mm512_dpbf16_ps(acc, qv[r * chunks + c], kv[c]);
+            for (int c = 0; c < chunks; c++) acc = DOT(acc, qv[r * chunks + c], row, c);
             scores[r * context + j] = scale * _mm512_reduce_add_ps(acc);
         }
     }
+#undef DOT
+}
+#undef K_ROW
+#undef PREFETCH_AHEAD
+
+/* s[j] = exp(s[j] - max) over a row of scores (the sink, where given, counts towards the max and the
+ * sum); returns 1 / the sum. */
+INLINE float vec_softmax(float *restrict s, int64_t context, const float *sink) {
+    __m512 top = _mm512_set1_ps(sink ? *sink : s[0]);
+    int64_t j = 0;
+    for (; j + 16 <= context; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + j));
+    const __mmask16 tail = (__mmask16)((1u << (context - j)) - 1u);
+    top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, s + j));
+    const float most = _mm512_reduce_max_ps(top);
+    const __m512 m = _mm512_set1_ps(most);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= context; j += 16) {
+        const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+        _mm512_storeu_ps(s + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), m));
+    _mm512_mask_storeu_ps(s + j, tail, e);
+    sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    float total = _mm512_reduce_add_ps(sum);
+    if (sink) total += exp_nonpositive(*sink - most);
+    return 1.0f / total;
 }
 
-/* acc[r * v_dim ..] = sum_j p_rj * v_j for bfloat16 V rows with v_dim % 16 == 0 and n_rep * v_dim
- * at most 384 (24 vector accumulators): each row converted to float32 once (16 lanes at a time)
- * and multiply-added for the n_rep query heads into accumulators that stay in registers. */
-INLINE void bf16_values(const uint16_t *v, const int64_t *slots, int64_t context, int head, int n_rep, int v_dim,
-                        int64_t v_slot, int64_t v_head, const float *restrict scores, float *restrict acc) {
+/* acc[r * v_dim ..] = sum_j p_rj * v_j for V rows with v_dim % 16 == 0 and n_rep * v_dim at most
+ * 384 (24 vector accumulators): each row widened to float32 once (16 lanes at a time) and
+ * multiply-added for the n_rep query heads into accumulators that stay in registers. */
+INLINE void vec_values(int bf16, const void *v, const int64_t *slots, int64_t context, int head, int n_rep, int v_dim,
+                       int64_t v_slot, int64_t v_head, const float *restrict scores, float *restrict acc) {
+    const size_t elem = bf16 ? 2 : 4;
     const int chunks = v_dim / 16;
     __m512 sums[n_rep * chunks];
     for (int c = 0; c < n_rep * chunks; c++) sums[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < context; j++) {
-        const uint16_t *row = v + slots[j] * v_slot + head * v_head;
+        const char *row = (const char *)v + (size_t)(slots[j] * v_slot + head * v_head) * elem;
         for (int c = 0; c < chunks; c++) {
-            const __m512 x = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(row + 16 * c)));
+            const __m512 x = load16(bf16, row + 16 * c * elem);
             for (int r = 0; r < n_rep; r++)
                 sums[r * chunks + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * context + j]), x, sums[r * chunks + c]);
         }
@@ -93,10 +152,10 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
     const char *kb = k, *vb = v;
     const int first = head * n_rep; /* its query heads: first .. first + n_rep */
     float qf[n_rep * dim], acc[n_rep * v_dim], row[dim > v_dim ? dim : v_dim], inverse[n_rep];
-#if BF16_DOT
-    if (bf16 && dim % 32 == 0) {
-        bf16_scores((const uint16_t *)q + ((size_t)seq * heads + first) * dim, (const uint16_t *)k, (const uint16_t *)v,
-                    slots, context, head, n_rep, dim, v_dim, k_slot, k_head, v_slot, v_head, scale, scores);
+#if VEC512
+    if ((bf16 && BF16_DOT && dim % 32 == 0) || (!bf16 && dim % 16 == 0)) {
+        vec_scores(bf16, (const char *)q + ((size_t)seq * heads + first) * dim * elem, k, v, slots, context, head, n_rep,
+                   dim, v_dim, k_slot, k_head, v_slot, v_head, scale, scores);
     } else
 #endif
     {
@@ -119,6 +178,9 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
         float *restrict s = scores + r * context;
         if (softcap > 0.0f)
             for (int64_t j = 0; j < context; j++) s[j] = softcap * tanhf(s[j] / softcap);
+#if VEC512
+        inverse[r] = vec_softmax(s, context, sinks ? sinks + first + r : NULL);
+#else
         float top = sinks ? sinks[first + r] : s[0];
         for (int64_t j = 0; j < context; j++) top = s[j] > top ? s[j] : top;
         float sum = 0.0f;
@@ -128,10 +190,11 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
         }
         if (sinks) sum += exp_nonpositive(sinks[first + r] - top);
         inverse[r] = 1.0f / sum;
+#endif
     }
-#if BF16_DOT
-    if (bf16 && v_dim % 16 == 0 && n_rep * v_dim <= 384) {
-        bf16_values((const uint16_t *)v, slots, context, head, n_rep, v_dim, v_slot, v_head, scores, acc);
+#if VEC512
+    if (v_dim % 16 == 0 && n_rep * v_dim <= 384) {
+        vec_values(bf16, v, slots, context, head, n_rep, v_dim, v_slot, v_head, scores, acc);
     } else
 #endif
     {

@@ -1,5 +1,5 @@
-/* Fused element-wise kernels of a decoder layer: RMSNorm (optionally after the residual add) and
- * rotate-half rotary embeddings.
+/* Fused element-wise kernels of a decoder layer: RMSNorm (optionally after the residual add),
+ * rotate-half rotary embeddings and SwiGLU's silu(gate) * up.
  *
  * Each replaces several torch ops that each read and write the whole tensor (RMSNorm alone is
  * seven: to float, pow, mean, add, rsqrt, mul, to dtype, and the weight's mul) with one pass over
@@ -62,6 +62,73 @@ INLINE void rotary_rows(int bf16, const void *x, int64_t x_stride, const void *c
     }
 }
 
+/* ---- SwiGLU: out = to_dtype(to_dtype(silu(gate)) * up), torch's silu and mul in one pass. gate and
+ * up rows start at gate + row * stride and up + row * stride (the two halves of a fused gate/up
+ * GEMM's output). silu(g) = g * sigmoid(g), the sigmoid from e = exp(-|g|): 1 / (1 + e) for g >= 0,
+ * e / (1 + e) below (no overflow either side). exp_nonpositive stops at exp(-87), so below g = -87
+ * silu gives 0 (torch: -0 from g < -88.7, where its exp(-g) overflows; about 1e-36 in between). */
+INLINE float silu(float g) {
+    const float e = exp_nonpositive(-fabsf(g));
+    const float top = g >= 0.0f ? 1.0f : e;
+    return g < -87.0f ? 0.0f : g * top / (1.0f + e);
+}
+
+#if VEC512
+/* 16 float32 lanes rounded to bfloat16 (to nearest even; NaN are not produced here): the 16-bit
+ * patterns, and as float32 again */
+INLINE __m256i bf16_bits16(__m512 x) {
+#if BF16_DOT
+    return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16));
+#endif
+}
+INLINE __m512 round16(int bf16, __m512 x) {
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(x)), 16)) : x;
+}
+INLINE __m512 silu16(__m512 g) {
+    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 top = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
+    const __m512 y = _mm512_div_ps(_mm512_mul_ps(g, top), _mm512_add_ps(one, e));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(g, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), y); /* as silu() */
+}
+#endif
+
+INLINE void swiglu_rows(int bf16, const void *gate, const void *up, int64_t stride, void *out, int64_t rows, int dim,
+                        int threads) {
+    const size_t esize = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *g = (const char *)gate + r * stride * esize, *u = (const char *)up + r * stride * esize;
+        char *o = (char *)out + r * (int64_t)dim * esize;
+        int i = 0;
+#if VEC512
+        for (; i + 16 <= dim; i += 16) {
+            const __m512 y = _mm512_mul_ps(round16(bf16, silu16(load16(bf16, g + i * esize))),
+                                           load16(bf16, u + i * esize));
+            if (bf16)
+                _mm256_storeu_si256((__m256i *)(o + i * esize), bf16_bits16(y));
+            else
+                _mm512_storeu_ps((float *)o + i, y);
+        }
+#endif
+        if (i < dim) { /* the rest (all of it without VEC512), in loops the compiler vectorises */
+            const int n = dim - i;
+            float gr[n], ur[n];
+            load_row(bf16, g + i * esize, gr, n);
+            load_row(bf16, u + i * esize, ur, n);
+            for (int j = 0; j < n; j++) gr[j] = round_to(bf16, round_to(bf16, silu(gr[j])) * ur[j]);
+            store_row(bf16, gr, o + i * esize, n);
+        }
+    }
+}
+
+/* Whether swiglu runs vectorised (the loops alone are slower than torch's vectorised ops). */
+int swiglu_vectorised(void) { return VEC512; }
+
 /* ---- entry points: one per storage dtype, the dtype a constant inside */
 #define ENTRIES(suffix, bf16)                                                                                 \
     int rms_norm_##suffix(const void *x, int64_t x_stride, const void *residual, int64_t r_stride,           \
@@ -75,6 +142,12 @@ INLINE void rotary_rows(int bf16, const void *x, int64_t x_stride, const void *c
                         void *out, int64_t tokens, int heads, int dim, int threads) {                         \
         if (dim <= 0 || dim % 2 || dim > MAX_ROW_FLOATS) return 1;                                            \
         rotary_rows(bf16, x, x_stride, cos_table, sin_table, out, tokens, heads, dim, threads);              \
+        return 0;                                                                                             \
+    }                                                                                                         \
+    int swiglu_##suffix(const void *gate, const void *up, int64_t stride, void *out, int64_t rows, int dim,   \
+                        int threads) {                                                                        \
+        if (dim <= 0) return 1;                                                                               \
+        swiglu_rows(bf16, gate, up, stride, out, rows, dim, threads);                                         \
         return 0;                                                                                             \
     }
 

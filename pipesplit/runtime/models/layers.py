@@ -337,13 +337,20 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 FUSED_PARTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
-def pack_gemm_weights(model: nn.Module) -> int:
+def pack_gemm_weights(model: nn.Module, tied_head: bool = False) -> int:
     """Every GEMM weight of a CPU stage that only `linear` reads, packed in place: a `Linear`'s
     weight becomes the packed tensor; a fused q/k/v or gate/up weight is packed and its parts
     become shape-only (meta) parameters, the packed whole counted by `fused_gemm_weights`.
-    The embedding, a head tied to it and weights read otherwise (DeepSeek's kv_b_proj, absorbed
-    into batched matmuls) stay plain. Returns the number of weights packed."""
+    The embedding and weights read otherwise (DeepSeek's kv_b_proj, absorbed into batched
+    matmuls) stay plain. A head tied to the embedding of the same stage reads the plain
+    embedding weight, or with `tied_head` a packed copy of it of its own (bytes the plan must
+    charge: `plan_bridge.packs_tied_head`). Returns the number of weights packed."""
     count = 0
+    if tied_head and isinstance(model, DecoderStage) and model.has_embedding and model.has_lm_head \
+            and not hasattr(model, "lm_head") and can_pack(weight := model.model.embed_tokens.weight):
+        model.lm_head = Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device="meta")
+        model.lm_head.weight = nn.Parameter(pack_weight(weight), requires_grad=False)
+        count += 1
     for module in model.modules():
         for name, parts in FUSED_PARTS.items():
             fused = getattr(module, name, None)
@@ -359,11 +366,12 @@ def pack_gemm_weights(model: nn.Module) -> int:
     return count
 
 
-def tune_cpu_stage(model: nn.Module) -> str:
+def tune_cpu_stage(model: nn.Module, packed_tied_head: bool = False) -> str:
     """What a CPU stage does after loading, before it serves (and the profiler, to time what runs):
-    packs its GEMM weights and chooses each attention shape's path for prefill chunks. Returns
-    the start-up line's phrase for the choice ("" where there is none)."""
-    pack_gemm_weights(model)
+    packs its GEMM weights (a tied head too with `packed_tied_head`) and chooses each attention
+    shape's path for prefill chunks. Returns the start-up line's phrase for the choice ("" where
+    there is none)."""
+    pack_gemm_weights(model, packed_tied_head)
     return choose_prefill_attention(model)
 
 
@@ -548,7 +556,11 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_and_up(x)
-        return linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
+        if gate.dim() == 2 and kernels.swiglu_supported(gate, up):
+            hidden = kernels.swiglu(gate, up)  # one pass, the same rounding
+        else:
+            hidden = F.silu(gate) * up
+        return linear(hidden, self.down_proj.weight, self.down_proj.bias)
 
 
 # -- rotary embeddings ---------------------------------------------------------------------------
