@@ -58,8 +58,9 @@ def budgets_for(spec: ModelSpec, pp: int, device: str, mem_budget_gib: float | N
 
 def packs_tied_head(spec: ModelSpec, device: str, dtype: str) -> bool:
     """Whether a CPU stage holding the embedding and a head tied to it (PP1) gives the head its own
-    packed copy of the weight: oneDNN's packed GEMM is 1.2-2x faster than the plain one at decode
-    sizes, and the embedding lookup needs the plain layout. The copy costs the head's bytes once
+    packed copy of the weight: oneDNN's packed GEMM of SmolLM2's head at 1-64 rows measured
+    2.1-2.4x faster than the plain one in bfloat16 (0.94-1.9x in float32, on an AMX Xeon), and
+    the embedding lookup needs the plain layout. The copy costs the head's bytes once
     more (SmolLM2: 57 MB in bfloat16), which the plan then charges."""
     if device != "cpu" or not spec.tie_word_embeddings:
         return False
