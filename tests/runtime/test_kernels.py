@@ -216,6 +216,20 @@ def test_the_portable_loops_pass_the_bfloat16_checks_too():
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-500:]
 
 
+def test_the_vdpbf16ps_loops_pass_the_bfloat16_checks_on_an_amx_cpu_too():
+    """Where the CPU has AMX tiles bfloat16 prefill chunks multiply in them; the vdpbf16ps loops
+    that AVX512-BF16 CPUs without AMX run are built and checked here as well."""
+    if "amx_bf16" not in kernels._cpu_flags().split():
+        pytest.skip("this CPU runs the vdpbf16ps (or portable) loops in the other tests already")
+    assert kernels.prefill_tiles()  # the other tests ran the tiles
+    env = dict(os.environ, PIPESPLIT_NO_AMX="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "bfloat16 and prefill and not portable and not amx"], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-500:]
+
+
 def test_switching_the_kernel_off_falls_back_to_torch():
     env = dict(os.environ, PIPESPLIT_NATIVE_KERNELS="0")
     code = "from pipesplit.runtime import kernels; print(kernels.status().detail)"

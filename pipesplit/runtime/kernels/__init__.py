@@ -6,8 +6,10 @@ place, skipping the key blocks the mask hides (flash attention in float32).
 `elementwise.c`: RMSNorm (after the residual add, if asked), rotate-half rotary embeddings and
 SwiGLU's silu(gate) * up, each one pass over the rows instead of several torch ops.
 
-Where the compiler targets AVX512-BF16, bfloat16 attention sums its products with vdpbf16ps;
-elsewhere (or with PIPESPLIT_PORTABLE_KERNELS=1) portable C loops that the compiler vectorises.
+Where the compiler targets AVX512-BF16, bfloat16 attention sums its products with vdpbf16ps,
+and where it targets AMX (and Linux grants the tiles) bfloat16 prefill chunks multiply in tiles
+(PIPESPLIT_NO_AMX=1: vdpbf16ps there too); elsewhere (or with PIPESPLIT_PORTABLE_KERNELS=1)
+portable C loops that the compiler vectorises.
 The library is built for this CPU (`-march=native`) into a cache folder (`PIPESPLIT_CACHE_DIR`,
 else `$XDG_CACHE_HOME/pipesplit`, else `~/.cache/pipesplit`) under a name that hashes the
 sources, the flags, the compiler and the CPU's flags, so a changed machine or source builds
@@ -83,8 +85,15 @@ def _compiler() -> str | None:
 
 def _flags() -> tuple[str, ...]:
     """FLAGS, and with PIPESPLIT_PORTABLE_KERNELS=1 the portable C loops even where the CPU has
-    bfloat16 dot products (what a CPU without AVX512-BF16 runs; the tests check both)."""
-    return (*FLAGS, "-DPIPESPLIT_PORTABLE") if os.environ.get("PIPESPLIT_PORTABLE_KERNELS") == "1" else FLAGS
+    bfloat16 dot products (what a CPU without AVX512-BF16 runs), with PIPESPLIT_NO_AMX=1 the
+    vdpbf16ps loops even where it has AMX tiles (what an AVX512-BF16 CPU without AMX runs); the
+    tests check all three."""
+    flags = FLAGS
+    if os.environ.get("PIPESPLIT_PORTABLE_KERNELS") == "1":
+        flags = (*flags, "-DPIPESPLIT_PORTABLE")
+    if os.environ.get("PIPESPLIT_NO_AMX") == "1":
+        flags = (*flags, "-DPIPESPLIT_NO_AMX")
+    return flags
 
 
 def _build(compiler: str) -> Path:
@@ -285,6 +294,12 @@ def swiglu_supported(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether `swiglu` serves these tensors: as `rows_supported`, and only where the library
     computes it with AVX-512 (its plain loops are slower than torch's two ops)."""
     return rows_supported(gate, up) and _swiglu_vectorised()
+
+
+def prefill_tiles() -> bool:
+    """Whether bfloat16 prefill chunks (head dims that are multiples of 32) multiply in AMX tiles."""
+    library = _library()[0]
+    return library is not None and bool(library.prefill_tiles())
 
 
 @functools.cache

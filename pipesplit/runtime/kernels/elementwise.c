@@ -12,6 +12,30 @@
  */
 #include "common.h"
 
+#if VEC512
+/* 16 float32 lanes rounded to bfloat16 (to nearest even; NaN are not produced here): the 16-bit
+ * patterns, and as float32 again */
+INLINE __m256i bf16_bits16(__m512 x) {
+#if BF16_DOT
+    return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16));
+#endif
+}
+INLINE __m512 round16(int bf16, __m512 x) {
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(x)), 16)) : x;
+}
+/* 16 float32 lanes stored in the storage dtype (bfloat16 rounded to nearest even) */
+INLINE void store16(int bf16, void *p, __m512 x) {
+    if (bf16)
+        _mm256_storeu_si256((__m256i *)p, bf16_bits16(x));
+    else
+        _mm512_storeu_ps(p, x);
+}
+#endif
+
 /* ---- RMSNorm: out = weight * to_dtype(x * rsqrt(mean(x^2) + eps)) -------------------------------
  * With `residual` (non-NULL), x is first replaced by sum = to_dtype(residual + x), which is also
  * written to `sum_out` (the layer's new residual stream). */
@@ -23,8 +47,31 @@ INLINE void rms_norm_rows(int bf16, const void *x, int64_t x_stride, const void 
     load_row(bf16, weight, w, dim);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
+        const char *xr = (const char *)x + r * x_stride * esize;
+        char *o = (char *)out + r * (int64_t)dim * esize;
+#if VEC512
+        if (dim % 16 == 0) { /* the same steps on 16 lanes */
+            const char *rr = residual ? (const char *)residual + r * r_stride * esize : NULL;
+            char *so = residual ? (char *)sum_out + r * (int64_t)dim * esize : NULL;
+            __m512 squares = _mm512_setzero_ps();
+            for (int i = 0; i < dim; i += 16) {
+                __m512 v = load16(bf16, xr + i * esize);
+                if (rr) {
+                    v = round16(bf16, _mm512_add_ps(load16(bf16, rr + i * esize), v));
+                    store16(bf16, so + i * esize, v);
+                }
+                squares = _mm512_fmadd_ps(v, v, squares);
+            }
+            const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
+            for (int i = 0; i < dim; i += 16) {
+                const __m512 v = load16(bf16, (rr ? so : xr) + i * esize); /* the sum as stored */
+                store16(bf16, o + i * esize, _mm512_mul_ps(_mm512_loadu_ps(w + i), round16(bf16, _mm512_mul_ps(v, inv))));
+            }
+            continue;
+        }
+#endif
         float row[dim];
-        load_row(bf16, (const char *)x + r * x_stride * esize, row, dim);
+        load_row(bf16, xr, row, dim);
         if (residual != NULL) {
             float res[dim];
             load_row(bf16, (const char *)residual + r * r_stride * esize, res, dim);
@@ -35,7 +82,7 @@ INLINE void rms_norm_rows(int bf16, const void *x, int64_t x_stride, const void 
         for (int i = 0; i < dim; i++) squares += row[i] * row[i];
         const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
         for (int i = 0; i < dim; i++) row[i] = round_to(bf16, w[i] * round_to(bf16, row[i] * inv));
-        store_row(bf16, row, (char *)out + r * (int64_t)dim * esize, dim);
+        store_row(bf16, row, o, dim);
     }
 }
 
@@ -51,13 +98,29 @@ INLINE void rotary_rows(int bf16, const void *x, int64_t x_stride, const void *c
         load_row(bf16, (const char *)cos_table + t * (int64_t)dim * esize, c, dim);
         load_row(bf16, (const char *)sin_table + t * (int64_t)dim * esize, s, dim);
         for (int h = 0; h < heads; h++) {
-            load_row(bf16, (const char *)x + (t * x_stride + (int64_t)h * dim) * esize, row, dim);
+            const char *xr = (const char *)x + (t * x_stride + (int64_t)h * dim) * esize;
+            char *o = (char *)out + ((t * heads + h) * (int64_t)dim) * esize;
+#if VEC512
+            if (half % 16 == 0) { /* the same steps on 16 lanes */
+                for (int i = 0; i < half; i += 16) {
+                    const __m512 a = load16(bf16, xr + i * esize), b = load16(bf16, xr + (i + half) * esize);
+                    const __m512 c1 = _mm512_loadu_ps(c + i), c2 = _mm512_loadu_ps(c + i + half);
+                    const __m512 s1 = _mm512_loadu_ps(s + i), s2 = _mm512_loadu_ps(s + i + half);
+                    store16(bf16, o + i * esize, _mm512_add_ps(round16(bf16, _mm512_mul_ps(a, c1)),
+                                                               round16(bf16, _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), s1))));
+                    store16(bf16, o + (i + half) * esize, _mm512_add_ps(round16(bf16, _mm512_mul_ps(b, c2)),
+                                                                        round16(bf16, _mm512_mul_ps(a, s2))));
+                }
+                continue;
+            }
+#endif
+            load_row(bf16, xr, row, dim);
             for (int i = 0; i < half; i++) {
                 rotated[i] = round_to(bf16, round_to(bf16, row[i] * c[i]) + round_to(bf16, -row[i + half] * s[i]));
                 rotated[i + half] = round_to(bf16, round_to(bf16, row[i + half] * c[i + half]) +
                                                        round_to(bf16, row[i] * s[i + half]));
             }
-            store_row(bf16, rotated, (char *)out + ((t * heads + h) * (int64_t)dim) * esize, dim);
+            store_row(bf16, rotated, o, dim);
         }
     }
 }
@@ -74,20 +137,6 @@ INLINE float silu(float g) {
 }
 
 #if VEC512
-/* 16 float32 lanes rounded to bfloat16 (to nearest even; NaN are not produced here): the 16-bit
- * patterns, and as float32 again */
-INLINE __m256i bf16_bits16(__m512 x) {
-#if BF16_DOT
-    return (__m256i)_mm512_cvtneps_pbh(x);
-#else
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16));
-#endif
-}
-INLINE __m512 round16(int bf16, __m512 x) {
-    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(x)), 16)) : x;
-}
 INLINE __m512 silu16(__m512 g) {
     const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
     const __m512 one = _mm512_set1_ps(1.0f);
