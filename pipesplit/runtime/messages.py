@@ -9,7 +9,9 @@ tagged JSON; tensors never go through this codec.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -121,22 +123,26 @@ def decode(payload: bytes) -> Any:
 
 def _to_json(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        fields = {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = {name: _to_json(getattr(value, name)) for name, _ in _field_hints(type(value))}
         return {"__type__": type(value).__name__, **fields}
     if isinstance(value, (list, tuple)):
         return [_to_json(v) for v in value]
     return value
 
 
+@functools.cache
+def _field_hints(cls: type) -> tuple[tuple[str, Any], ...]:
+    """A message class's fields with their resolved type hints, worked out once per class: each
+    step's message holds one SeqStep per sequence, and resolving the hints anew for each took 70 us
+    (a 32-sequence decode step: 2.5 ms to decode, on every stage but the first)."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+
+
 def _from_json(value: Any) -> Any:
     if isinstance(value, dict) and "__type__" in value:
         cls = MESSAGE_TYPES[value["__type__"]]
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in value:
-                kwargs[f.name] = _coerce(_from_json(value[f.name]), hints[f.name])
-        return cls(**kwargs)
+        return cls(**{name: _coerce(_from_json(value[name]), hint) for name, hint in _field_hints(cls) if name in value})
     if isinstance(value, list):
         return [_from_json(v) for v in value]
     return value
@@ -149,10 +155,15 @@ def _coerce(value: Any, hint: Any) -> Any:
         if origin is tuple:
             args = typing.get_args(hint)
             inner = args[0] if args else Any
+            if inner in _PLAIN:  # numbers and strings as they are
+                return tuple(value)
             return tuple(_coerce(v, inner) for v in value)
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if origin in (typing.Union, types.UnionType):
             for arg in typing.get_args(hint):
                 if typing.get_origin(arg) is tuple:
                     return _coerce(value, arg)
         return tuple(value) if hint is tuple else value
     return value
+
+
+_PLAIN = (int, float, str, bool)

@@ -7,6 +7,7 @@ on, and on the last stage sample and send the token ids back to rank 0.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import sys
@@ -111,7 +112,7 @@ class Stage:
         self.budget_bytes = self._budget()
         self.window_layers = [i for i in range(start, end) if self.spec.layer_types[i] == "sliding_attention"]
         self.kv_cache: dict[int, tuple[torch.Tensor, ...]] = {}
-        self.slots: dict[int, list[int]] = {}
+        self.slots: dict[int, array.array] = {}  # each request's context slots (int64, in order)
         self.window_slots: dict[int, tuple[int, list[int]]] = {}  # req_id -> (first position, slots)
         self.window_pool_slots = 0
         self.samplers: dict[int, RequestSampler] = {}
@@ -159,8 +160,8 @@ class Stage:
         seqs, window_seqs = [], []
         for seq in message.seqs:
             if seq.cached_slots:
-                self.slots[seq.req_id] = list(seq.cached_slots)
-            slots = self.slots.setdefault(seq.req_id, [])
+                self.slots[seq.req_id] = array.array("q", seq.cached_slots)
+            slots = self.slots.setdefault(seq.req_id, array.array("q"))
             slots.extend(seq.new_slots)
             if len(slots) != seq.context_len:
                 raise RuntimeError(
