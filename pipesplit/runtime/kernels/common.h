@@ -1,6 +1,6 @@
 /* What the native kernels share: bfloat16 <-> float32, rows loaded and stored as float32, a
- * vectorisable exp, and where the compiler targets AVX-512 that exp, a 16-lane row load and a
- * 16-way lane sum in intrinsics. */
+ * vectorisable exp, and where the compiler targets AVX-512 that exp, a 16-lane row load, a 16-way
+ * lane sum or maximum and a base-2 exp for softmax weights in intrinsics. */
 #ifndef PIPESPLIT_COMMON_H
 #define PIPESPLIT_COMMON_H
 

@@ -156,12 +156,8 @@ INLINE void swiglu_rows(int bf16, const void *gate, const void *up, int64_t stri
         int i = 0;
 #if VEC512
         for (; i + 16 <= dim; i += 16) {
-            const __m512 y = _mm512_mul_ps(round16(bf16, silu16(load16(bf16, g + i * esize))),
-                                           load16(bf16, u + i * esize));
-            if (bf16)
-                _mm256_storeu_si256((__m256i *)(o + i * esize), bf16_bits16(y));
-            else
-                _mm512_storeu_ps((float *)o + i, y);
+            store16(bf16, o + i * esize, _mm512_mul_ps(round16(bf16, silu16(load16(bf16, g + i * esize))),
+                                                      load16(bf16, u + i * esize)));
         }
 #endif
         if (i < dim) { /* the rest (all of it without VEC512), in loops the compiler vectorises */

@@ -72,6 +72,33 @@ INLINE void convert_block(int bf16, const Shape *sh, const void *k, const void *
     }
 }
 
+/* The keys [*lo, *hi) of the key block at `base` that the query at context position pos sees
+ * (causal, and within the window): *hi <= *lo where it sees none. */
+INLINE void visible_keys(const Shape *sh, int64_t pos, int64_t base, int *lo, int *hi) {
+    const int64_t end = pos + 1 - base, start = sh->window > 0 ? pos - sh->window + 1 - base : 0;
+    *hi = end < BLOCK_KEYS ? (end > 0 ? (int)end : 0) : BLOCK_KEYS;
+    *lo = start > 0 ? (int)start : 0;
+}
+
+/* Each of the task's rows (row r: query r / n_rep, head head * n_rep + r % n_rep) divided by its
+ * softmax's sum (and the sink's weight) and stored: acc [rows][V_DIM], m the rows' maxima (in
+ * base 2 with log2_units), l their sums. */
+INLINE void store_rows(int bf16, const Shape *sh, float *restrict acc, const float *m, const float *l, int rows,
+                       int head, int64_t first_token, void *out, int V_DIM, int log2_units) {
+    const size_t elem = bf16 ? 2 : 4;
+    const int n_rep = sh->n_rep, heads = sh->heads;
+    for (int r = 0; r < rows; r++) {
+        const int h = head * n_rep + r % n_rep;
+        float total = l[r];
+        if (sh->sinks)
+            total += log2_units ? exp2f(sh->sinks[h] * 1.44269504088896341f - m[r]) : expf(sh->sinks[h] - m[r]);
+        const float inverse = 1.0f / total;
+        float *restrict ar = acc + (size_t)r * V_DIM;
+        for (int i = 0; i < V_DIM; i++) ar[i] *= inverse;
+        store_row(bf16, ar, (char *)out + ((size_t)(first_token + r / n_rep) * heads + h) * V_DIM * elem, V_DIM);
+    }
+}
+
 #if BF16_DOT
 /* Phase 1 for vdpbf16ps (bfloat16 storage, even dim, v_dim % 16 == 0): K as bf16 pairs along
  * dim, transposed (kp[d / 2][j] holds K[j][d], K[j][d + 1]); V as pairs of consecutive keys
@@ -230,10 +257,7 @@ INLINE void amx_softmax_tile(const Shape *sh, float *restrict s, uint16_t *restr
         if (r >= rows) {
             hi = 0;
         } else if (cut) {
-            const int64_t pos = first_pos + r / n_rep;
-            const int64_t end = pos + 1 - base, start = sh->window > 0 ? pos - sh->window + 1 - base : 0;
-            hi = end < BLOCK_KEYS ? (end > 0 ? (int)end : 0) : BLOCK_KEYS;
-            lo = start > 0 ? (int)start : 0;
+            visible_keys(sh, first_pos + r / n_rep, base, &lo, &hi);
         }
         seen[i] = hi <= lo ? 0 : (hi == 64 ? ~0ull : (1ull << hi) - 1) & ~((1ull << lo) - 1);
         if (seen[i] && sh->softcap > 0.0f) {
@@ -313,9 +337,6 @@ INLINE void amx_attend_block(const Shape *sh, const uint16_t *q, uint16_t *out, 
     for (int64_t b = b_first; b <= b_last; b++) {
         const int64_t base = b * BLOCK_KEYS;
         const uint32_t *kp = (const uint32_t *)(blocks + (size_t)b * per_block), *vp = kp + (size_t)DIM / 2 * BLOCK_KEYS;
-#ifdef SKIP_QK
-        if (0)
-#endif
         for (int t = 0; t < tiles; t++)
             for (int half = 0; half < BLOCK_KEYS; half += 32) {
                 _tile_zero(0);
@@ -332,9 +353,6 @@ INLINE void amx_attend_block(const Shape *sh, const uint16_t *q, uint16_t *out, 
             }
         const int cut = base + BLOCK_KEYS - 1 > first_pos || (sh->window > 0 && base <= last_pos - sh->window);
         for (int t = 0; t < tiles; t++) amx_softmax_tile(sh, s, p, acc, m, l, t, rows, cut, base, first_pos, V_DIM);
-#ifdef SKIP_PV
-        if (0)
-#endif
         for (int t = 0; t < tiles; t++)
             for (int col = 0; col < V_DIM; col += 32) {
                 float *a = acc + (size_t)t * 16 * V_DIM + col;
@@ -351,15 +369,7 @@ INLINE void amx_attend_block(const Shape *sh, const uint16_t *q, uint16_t *out, 
                 TILE_STORE(1, a + 16, V_DIM * 4);
             }
     }
-    for (int r = 0; r < rows; r++) {
-        const int h = head * n_rep + r % n_rep;
-        float total = l[r];
-        if (sh->sinks) total += exp2f(sh->sinks[h] * 1.44269504088896341f - m[r]); /* m in base 2 */
-        const float inverse = 1.0f / total;
-        float *restrict ar = acc + (size_t)r * V_DIM;
-        for (int i = 0; i < V_DIM; i++) ar[i] *= inverse;
-        store_row(1, ar, out + ((size_t)(row_start + q0 + r / n_rep) * heads + h) * V_DIM, V_DIM);
-    }
+    store_rows(1, sh, acc, m, l, rows, head, row_start + q0, out, V_DIM, 1);
 }
 
 /* The work floats amx_attend_block needs for block_queries queries. */
@@ -471,10 +481,7 @@ INLINE void attend_block(int bf16, int dot, const Shape *sh, const void *q, void
                 for (int j = 0; j < BLOCK_KEYS; j++) sr[j] = sh->softcap * tanhf(sr[j] / sh->softcap);
             int lo = 0, hi = BLOCK_KEYS; /* the keys of this block the row sees: [lo, hi) */
             if (cut) {
-                const int64_t pos = first_pos + r / n_rep;
-                const int64_t end = pos + 1 - base, start = sh->window > 0 ? pos - sh->window + 1 - base : 0;
-                hi = end < BLOCK_KEYS ? (int)end : BLOCK_KEYS;
-                lo = start > 0 ? (int)start : 0;
+                visible_keys(sh, first_pos + r / n_rep, base, &lo, &hi);
                 if (hi <= lo) {
                     memset(sr, 0, BLOCK_KEYS * sizeof *sr);
                     continue;
@@ -502,16 +509,7 @@ INLINE void attend_block(int bf16, int dot, const Shape *sh, const void *q, void
 #endif
             block_values(s, kt + (size_t)DIM * BLOCK_KEYS, acc, rows, V_DIM);
     }
-    for (int r = 0; r < rows; r++) {
-        const int h = head * n_rep + r % n_rep;
-        float total = l[r];
-        if (sh->sinks) total += expf(sh->sinks[h] - m[r]);
-        const float inverse = 1.0f / total;
-        float *restrict ar = acc + (size_t)r * V_DIM;
-        for (int i = 0; i < V_DIM; i++) ar[i] *= inverse;
-        const int64_t token = row_start + q0 + r / n_rep;
-        store_row(bf16, ar, (char *)out + ((size_t)token * heads + h) * V_DIM * elem, V_DIM);
-    }
+    store_rows(bf16, sh, acc, m, l, rows, head, row_start + q0, out, V_DIM, 0);
 }
 
 INLINE void attend_shaped(int bf16, int dot, const Shape *sh, const void *q, void *out, int64_t row_start,
@@ -534,15 +532,10 @@ static int run(int bf16, const void *q, const void *k, const void *v, void *out,
     const int n_rep = heads / kv_heads;
     /* vdpbf16ps where the CPU has it and the shapes pair up */
     const int dot = BF16_DOT && bf16 && dim % 2 == 0 && v_dim % 16 == 0;
-    /* and tile products where the CPU and the OS allow them and the shapes fill tiles */
-#if AMX
-    const int amx = dot && dim % 32 == 0 && v_dim % 32 == 0 && amx_permitted();
-#else
-    const int amx = 0;
-#endif
     Shape sh = {heads, kv_heads, n_rep, dim, v_dim, (BLOCK_ROWS + n_rep - 1) / n_rep,
                 k_slot, k_head, v_slot, v_head, scale, softcap, sinks, window};
-#if AMX
+#if AMX /* and tile products where the CPU and the OS allow them and the shapes fill tiles */
+    const int amx = dot && dim % 32 == 0 && v_dim % 32 == 0 && amx_permitted();
     if (amx) sh.block_queries = amx_block_queries(n_rep);
 #endif
     /* where each sequence's converted blocks start (in blocks), and its query blocks */

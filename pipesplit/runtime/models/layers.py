@@ -207,11 +207,11 @@ def _kernel_rows(batch: AttentionBatch, members: list[int], whole: bool = False)
         return None
     starts = _running_sums(batch.query_lens)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    every = len(members) == len(batch.context_slots) and "all_context_slots" in batch._memo
+    context_slots = lambda: torch.cat([batch.context_slots[i].to(dtype=torch.long) for i in members])  # noqa: E731
     return _KernelRows(
         None if whole else as_long([starts[i] for i in members]),
-        batch._memo["all_context_slots"] if every else
-        torch.cat([batch.context_slots[i].to(dtype=torch.long) for i in members]),
+        # every sequence's: the concatenation `for_sequences` built them from
+        batch.memo("all_context_slots", context_slots) if len(members) == len(batch.context_slots) else context_slots(),
         as_long(_running_sums([batch.context_lens[i] for i in members])),
         as_long([batch.query_lens[i] for i in members]),
     )
