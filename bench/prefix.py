@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import RequestResult, one_request, percentile, start_pipesplit, start_vllm, stop_server  # noqa: E402
+from serve import RequestResult, machine_dtype, one_request, percentile, start_pipesplit, start_vllm, stop_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = (1000, 40000)  # ordinary tokens of SmolLM2's 49,152: no specials, no byte fallbacks
@@ -149,7 +149,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: what `pipesplit serve` picks on this CPU, given to both engines")
     parser.add_argument("--mem-budget", type=float, default=2.0, help="GiB per stage (CPU)")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated: {', '.join(ENGINES)}")
     parser.add_argument("--workloads", default="shared,multiturn")
@@ -159,6 +160,7 @@ def main() -> int:
                         help="where bench/peers.py keeps vLLM's venv")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prefix.json")
     args = parser.parse_args()
+    args.dtype = machine_dtype(args.dtype)
     args.workloads = args.workloads.split(",")
     unknown = [e for e in args.engines.split(",") if e not in ENGINES]
     if unknown:

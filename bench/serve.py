@@ -230,12 +230,21 @@ def run_engine(engine: str, args: argparse.Namespace, levels: list[int]) -> dict
             "levels": results}
 
 
+def machine_dtype(requested: str) -> str:
+    """`requested`, or for auto the dtype pipesplit picks on this CPU (bfloat16 where it computes
+    it natively, else float32), so that the peer runs the same one."""
+    from pipesplit.runtime.dtype import choose_dtype
+
+    return choose_dtype(requested, "cpu", "bfloat16").dtype
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--engines", default="pipesplit-pp1,pipesplit-pp2,vllm-pp1",
                         help="comma-separated: pipesplit-ppN, vllm-ppN")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: what `pipesplit serve` picks on this CPU, given to both engines")
     parser.add_argument("--mem-budget", type=float, default=1.0, help="GiB per stage (CPU)")
     parser.add_argument("--concurrency", default="16", help="comma-separated levels")
     parser.add_argument("--requests", type=int, default=48, help="requests per level (0: max(8, 2 x level))")
@@ -246,6 +255,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="times each level's load runs; the median round counts")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     args = parser.parse_args()
+    args.dtype = machine_dtype(args.dtype)
     if args.rounds < 1:
         parser.error(f"--rounds is {args.rounds}; give at least 1")
     levels = [int(c) for c in args.concurrency.split(",")]

@@ -80,6 +80,15 @@ class PrefixCache:
             raise ValueError(f"{len(tokens)} tokens but {len(slots)} slots")
         node, i = start or self.root, depth if start is not None else 0
         now = next(self._clock)
+        if start is not None and start is not self.root and start.refs == 1 and not start.children and i < len(tokens):
+            # The caller's own leaf (only it reads it): its edge grows in place, so a request that
+            # decodes n tokens leaves one node, not a chain of n that every eviction walks.
+            grown = list(slots[i:])
+            start.tokens.extend(tokens[i:])
+            start.slots.extend(grown)
+            start.last_used = now
+            self.cached_tokens += len(grown)
+            return start, grown
         while i < len(tokens):
             child = node.children.get(tokens[i])
             if child is None:
@@ -124,12 +133,20 @@ class PrefixCache:
 
     # -- eviction ------------------------------------------------------------------------------
     def evict(self, n: int) -> list[int]:
-        """Frees at least n slots (or all evictable ones), least recently used leaves first."""
+        """Frees n slots (or all evictable ones), least recently used leaves first. A leaf longer
+        than what is still needed loses only its last tokens: the prefix it keeps stays reusable."""
         leaves = [(leaf.last_used, id(leaf), leaf) for leaf in self._leaves() if leaf.refs == 0]
         heapq.heapify(leaves)
         freed: list[int] = []
         while leaves and len(freed) < n:
             _, _, leaf = heapq.heappop(leaves)
+            need = n - len(freed)
+            if need < len(leaf.tokens):
+                freed.extend(leaf.slots[-need:])
+                del leaf.tokens[-need:], leaf.slots[-need:]
+                self.cached_tokens -= need
+                self.evictable_tokens -= need
+                break
             freed.extend(leaf.slots)
             self.cached_tokens -= len(leaf.tokens)
             self.evictable_tokens -= len(leaf.tokens)

@@ -204,16 +204,34 @@ def test_prefill_attention_is_the_same_on_one_thread_and_four():
     assert torch.equal(one, four)
 
 
-def test_the_portable_loops_pass_the_bfloat16_checks_too():
-    """Where the CPU has AVX512-BF16 the bfloat16 kernels use vdpbf16ps; the portable loops that
-    other CPUs run are built and checked here as well."""
-    if "avx512_bf16" not in kernels._cpu_flags().split():
-        pytest.skip("this CPU runs the portable loops in the other tests already")
-    env = dict(os.environ, PIPESPLIT_PORTABLE_KERNELS="1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "bfloat16 and attention and not portable"], env=env, capture_output=True, text=True)
+def _rerun_kernel_tests(env: dict[str, str], expression: str) -> None:
+    """This file's tests selected by `expression`, in a fresh interpreter whose library is built
+    under `env`: all of them must run and pass."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", expression],
+                          env=dict(os.environ, **env), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-500:]
+
+
+# the rerun tests' names hold "loops"; the reruns leave them out
+KERNEL_CHECKS = "(attention or rms_norm or residual or rotary or thread) and not loops"
+
+
+def test_the_portable_loops_pass_the_kernel_checks_too():
+    """Where the library is built with AVX-512 or AVX2 intrinsics, the portable loops that other
+    CPUs run are built and checked here as well."""
+    if not {"avx2", "avx512f"} & set(kernels._cpu_flags().split()):
+        pytest.skip("this CPU runs the portable loops in the other tests already")
+    _rerun_kernel_tests({"PIPESPLIT_PORTABLE_KERNELS": "1"}, KERNEL_CHECKS)
+
+
+def test_the_avx2_loops_pass_the_kernel_checks_on_an_avx512_cpu_too():
+    """Where the CPU has AVX-512 the library uses 16 lanes; the 8-lane AVX2 loops that older x86
+    CPUs run are built (-mno-avx512f) and checked here as well, SwiGLU's among them."""
+    flags = set(kernels._cpu_flags().split())
+    if not {"avx2", "avx512f", "fma"} <= flags:
+        pytest.skip("this CPU runs the AVX2 (or portable) loops in the other tests already")
+    _rerun_kernel_tests({"PIPESPLIT_AVX2_KERNELS": "1"}, f"({KERNEL_CHECKS}) or swiglu")
 
 
 def test_the_vdpbf16ps_loops_pass_the_bfloat16_checks_on_an_amx_cpu_too():
@@ -222,12 +240,7 @@ def test_the_vdpbf16ps_loops_pass_the_bfloat16_checks_on_an_amx_cpu_too():
     if "amx_bf16" not in kernels._cpu_flags().split():
         pytest.skip("this CPU runs the vdpbf16ps (or portable) loops in the other tests already")
     assert kernels.prefill_tiles()  # the other tests ran the tiles
-    env = dict(os.environ, PIPESPLIT_NO_AMX="1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "bfloat16 and prefill and not portable and not amx"], env=env, capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stdout[-2000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-500:]
+    _rerun_kernel_tests({"PIPESPLIT_NO_AMX": "1"}, "bfloat16 and prefill and not loops and not amx")
 
 
 def test_switching_the_kernel_off_falls_back_to_torch():
@@ -315,7 +328,7 @@ def test_swiglu_matches_its_formula_on_the_halves_of_a_fused_output(dtype, toler
     fused[0, :4] = torch.tensor([0.0, -100.0, 100.0, -0.5])  # silu's far tails and zero
     gate, up = fused.chunk(2, dim=-1)
     if not kernels.swiglu_supported(gate, up):
-        pytest.skip("the library computes SwiGLU with AVX-512 only; torch's ops serve elsewhere")
+        pytest.skip("the library computes SwiGLU with AVX-512 or AVX2 only; torch's ops serve elsewhere")
     got = kernels.swiglu(gate, up)
     assert got.is_contiguous() and got.shape == (rows, dim) and got.dtype == dtype
     torch.testing.assert_close(got.double(), swiglu_reference(gate, up), atol=tolerance, rtol=tolerance)
@@ -324,9 +337,9 @@ def test_swiglu_matches_its_formula_on_the_halves_of_a_fused_output(dtype, toler
 
 @needs_kernel
 def test_element_wise_kernels_give_the_same_answer_on_any_thread_count():
-    """Over SERIAL_ROWS rows the rows are split over the threads; at or under it one thread runs."""
+    """Over SERIAL_ELEMENTS elements the rows are split over the threads; at or under it one thread runs."""
     gen = torch.Generator().manual_seed(9)
-    rows = 2 * kernels.SERIAL_ROWS + 3
+    rows = 2 * kernels.SERIAL_ELEMENTS // 288 + 3  # every kernel below (SwiGLU's 288 columns too) splits
     x = torch.randn(rows, 576, generator=gen).to(torch.bfloat16)
     weight = torch.randn(576, generator=gen).to(torch.bfloat16)
     cos = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)

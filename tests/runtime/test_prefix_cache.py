@@ -61,6 +61,27 @@ def test_locked_paths_are_never_evicted_and_lru_goes_first():
         cache.unlock(a)
 
 
+def test_eviction_trims_a_long_leaf_from_its_end():
+    cache = PrefixCache()
+    cache.insert([1, 2, 3, 4, 5], [10, 11, 12, 13, 14])
+    assert cache.evict(2) == [13, 14]
+    assert cache.match([1, 2, 3, 4, 5])[1] == [10, 11, 12]
+    assert cache.cached_tokens == cache.evictable_tokens == 3
+
+
+def test_a_growing_request_extends_its_own_leaf_in_place():
+    cache = PrefixCache()
+    node, _ = cache.insert([1, 2, 3], [0, 1, 2])
+    cache.lock(node)
+    grown, taken = cache.insert([1, 2, 3, 4, 5], [0, 1, 2, 3, 4], node, 3)
+    assert grown is node and taken == [3, 4] and len(cache.nodes()) == 1
+    assert cache.cached_tokens == 5 and cache.evictable_tokens == 0
+    # a leaf that a second request reads too gets a child instead: the other request's path stays put
+    cache.lock(node)
+    child, taken = cache.insert([1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5], node, 5)
+    assert child is not node and child.parent is node and taken == [5] and node.tokens == [1, 2, 3, 4, 5]
+
+
 def test_evicting_a_leaf_makes_its_unreferenced_parent_evictable():
     cache = PrefixCache()
     cache.insert([1, 2, 3], [0, 1, 2])
@@ -227,5 +248,7 @@ def test_a_full_pool_evicts_cached_tokens_before_preempting_anyone():
     assert cache.cached_tokens == 14 and alloc.num_free == 16  # 12 prompt + 2 fed-back tokens stay cached
     _run_alone(sched, Request(1, [2] * 20, SamplingParams(max_tokens=6), seed=0, max_context=30))
     assert sched.num_preemptions == 0
-    assert cache.cached_tokens == 25 and alloc.num_used == 25  # only request 1's tokens are left
-    assert cache.match([1] * 12)[1] == []
+    # request 1 needed 9 slots more than were free: request 0's leaf lost its last 9 tokens only,
+    # so its first 5 stay cached beside request 1's 25
+    assert cache.cached_tokens == 30 and alloc.num_used == 30
+    assert len(cache.match([1] * 12)[1]) == 5

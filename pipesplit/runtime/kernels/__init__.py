@@ -6,10 +6,12 @@ place, skipping the key blocks the mask hides (flash attention in float32).
 `elementwise.c`: RMSNorm (after the residual add, if asked), rotate-half rotary embeddings and
 SwiGLU's silu(gate) * up, each one pass over the rows instead of several torch ops.
 
-Where the compiler targets AVX512-BF16, bfloat16 attention sums its products with vdpbf16ps,
-and where it targets AMX (and Linux grants the tiles) bfloat16 prefill chunks multiply in tiles
-(PIPESPLIT_NO_AMX=1: vdpbf16ps there too); elsewhere (or with PIPESPLIT_PORTABLE_KERNELS=1)
-portable C loops that the compiler vectorises.
+Where the compiler targets AVX-512, the kernels run 16-lane intrinsics; with AVX512-BF16 bfloat16
+attention sums its products with vdpbf16ps, and where it targets AMX (and Linux grants the tiles)
+bfloat16 prefill chunks multiply in tiles (PIPESPLIT_NO_AMX=1: vdpbf16ps there too). Where it
+targets AVX2 with FMA but not AVX-512 (or with PIPESPLIT_AVX2_KERNELS=1), decode attention, RMSNorm,
+rotary and SwiGLU run the same steps in 8-lane intrinsics. Elsewhere (or with
+PIPESPLIT_PORTABLE_KERNELS=1) portable C loops that the compiler vectorises.
 The library is built for this CPU (`-march=native`) into a cache folder (`PIPESPLIT_CACHE_DIR`,
 else `$XDG_CACHE_HOME/pipesplit`, else `~/.cache/pipesplit`) under a name that hashes the
 sources, the flags, the compiler and the CPU's flags, so a changed machine or source builds
@@ -85,14 +87,17 @@ def _compiler() -> str | None:
 
 def _flags() -> tuple[str, ...]:
     """FLAGS, and with PIPESPLIT_PORTABLE_KERNELS=1 the portable C loops even where the CPU has
-    bfloat16 dot products (what a CPU without AVX512-BF16 runs), with PIPESPLIT_NO_AMX=1 the
+    vector intrinsics (what a CPU without AVX2 runs), with PIPESPLIT_AVX2_KERNELS=1 the 8-lane AVX2
+    loops even where it has AVX-512 (what a Zen 3 or Haswell runs), with PIPESPLIT_NO_AMX=1 the
     vdpbf16ps loops even where it has AMX tiles (what an AVX512-BF16 CPU without AMX runs); the
-    tests check all three."""
+    tests check all four."""
     flags = FLAGS
     if os.environ.get("PIPESPLIT_PORTABLE_KERNELS") == "1":
         flags = (*flags, "-DPIPESPLIT_PORTABLE")
     if os.environ.get("PIPESPLIT_NO_AMX") == "1":
         flags = (*flags, "-DPIPESPLIT_NO_AMX")
+    if os.environ.get("PIPESPLIT_AVX2_KERNELS") == "1":
+        flags = (*flags, "-mno-avx512f")
     return flags
 
 
@@ -161,19 +166,21 @@ def supports(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> boo
     )
 
 
-# Element-wise kernels over fewer rows run on one thread: at 16-48 rows (decode steps) a second
-# thread saves 1-4 us, and an OpenMP team then waits for whichever of its threads the OS has
-# descheduled (in `serve`, the event loop shares the cores).
-SERIAL_ROWS = 64
+# Element-wise kernels over at most SERIAL_ELEMENTS elements (64 rows of a 576-wide hidden state)
+# run on one thread: on the AVX-512 machines a second thread saved 1-4 us at 16-48 such rows (decode
+# steps), and an OpenMP team then waits for whichever of its threads the OS has descheduled (in
+# `serve`, the event loop shares the cores). Wider rows (SwiGLU's 1,536) split sooner: on a 2-core
+# AVX2 Zen 3, 32 of them took 43 us on one thread and 23 us on two.
+SERIAL_ELEMENTS = 64 * 576
 
 
-def _call(name: str, dtype: torch.dtype, *args, rows: int | None = None) -> None:
+def _call(name: str, dtype: torch.dtype, *args, elements: int | None = None) -> None:
     """The kernel `name` for `dtype` on torch's thread count (on one thread for an element-wise
-    kernel over at most SERIAL_ROWS `rows`); raises if the library is missing or the kernel fails."""
+    kernel over at most SERIAL_ELEMENTS `elements`); raises if the library is missing or the kernel fails."""
     library = _library()[0]
     if library is None:
         raise RuntimeError(status().detail)
-    threads = 1 if rows is not None and rows <= SERIAL_ROWS else torch.get_num_threads()
+    threads = 1 if elements is not None and elements <= SERIAL_ELEMENTS else torch.get_num_threads()
     code = getattr(library, f"{name}_{_SUFFIX[dtype]}")(*args, threads)
     if code != 0:
         raise RuntimeError(f"{name} failed with code {code}")
@@ -274,7 +281,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     total = None if residual is None else x.new_empty(rows, dim)
     _call("rms_norm", x.dtype, x.data_ptr(), _row_stride(x), _ptr(residual),
           0 if residual is None else _row_stride(residual), weight.data_ptr(), out.data_ptr(), _ptr(total), rows, dim,
-          eps, rows=rows)
+          eps, elements=rows * dim)
     return out if residual is None else (out, total)
 
 
@@ -286,13 +293,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         raise ValueError("rotary needs each token's heads packed and contiguous cos/sin tables")
     out = x.new_empty(tokens, heads, dim)
     _call("rotary", x.dtype, x.data_ptr(), _row_stride(x), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads,
-          dim, rows=tokens)
+          dim, elements=tokens * heads * dim)
     return out
 
 
 def swiglu_supported(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether `swiglu` serves these tensors: as `rows_supported`, and only where the library
-    computes it with AVX-512 (its plain loops are slower than torch's two ops)."""
+    computes it with AVX-512 or AVX2 intrinsics (its plain loops are slower than torch's two ops)."""
     return rows_supported(gate, up) and _swiglu_vectorised()
 
 
@@ -314,5 +321,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if up.shape != gate.shape or (rows > 1 and up.stride(0) != gate.stride(0)):
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} need one shape and row stride")
     out = gate.new_empty(rows, dim)
-    _call("swiglu", gate.dtype, gate.data_ptr(), up.data_ptr(), _row_stride(gate), out.data_ptr(), rows, dim, rows=rows)
+    _call("swiglu", gate.dtype, gate.data_ptr(), up.data_ptr(), _row_stride(gate), out.data_ptr(), rows, dim, elements=rows * dim)
     return out

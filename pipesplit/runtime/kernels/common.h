@@ -1,6 +1,7 @@
 /* What the native kernels share: bfloat16 <-> float32, rows loaded and stored as float32, a
  * vectorisable exp, and where the compiler targets AVX-512 that exp, a 16-lane row load, a 16-way
- * lane sum or maximum and a base-2 exp for softmax weights in intrinsics. */
+ * lane sum or maximum and a base-2 exp for softmax weights in intrinsics; where it targets AVX2
+ * (and not AVX-512), the exp, row load and lane sum on 8 lanes. */
 #ifndef PIPESPLIT_COMMON_H
 #define PIPESPLIT_COMMON_H
 
@@ -24,6 +25,14 @@
 #define VEC512 1
 #else
 #define VEC512 0
+#endif
+/* 8-lane float32 intrinsics where the compiler targets AVX2 with FMA but not AVX-512 (Zen 3 and
+ * older, Haswell to Comet Lake): the same kernels' steps on half the lanes */
+#if !VEC512 && defined(__AVX2__) && defined(__FMA__) && !defined(PIPESPLIT_PORTABLE)
+#include <immintrin.h>
+#define VEC256 1
+#else
+#define VEC256 0
 #endif
 
 INLINE float bf16_to_float(uint16_t x) {
@@ -146,6 +155,55 @@ INLINE __m512 exp2_nonpositive16(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#if VEC256
+/* exp_nonpositive on 8 lanes, the same steps */
+INLINE __m256 exp_nonpositive8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256i ni = _mm256_cvttps_epi32(_mm256_fmsub_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    const __m256 n = _mm256_cvtepi32_ps(ni);
+    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* 8 elements of a bfloat16 (exactly, by widening) or float32 row as float32 */
+INLINE __m256 load8(int bf16, const void *p) {
+    if (!bf16) return _mm256_loadu_ps(p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* Lane i of the result: the sum of v[i]'s 8 lanes (lanes16's tree on 8 vectors). */
+INLINE __m256 sum_lanes8(const __m256 *v) {
+    __m256 a[4], b[2];
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 2; i++) {
+        const __m256d x = _mm256_castps_pd(a[2 * i]), y = _mm256_castps_pd(a[2 * i + 1]);
+        b[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+}
+
+INLINE float reduce_add8(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+INLINE float reduce_max8(__m256 v) {
+    const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
 }
 #endif
 

@@ -141,6 +141,93 @@ INLINE void vec_values(int bf16, const void *v, const int64_t *slots, int64_t co
 }
 #endif
 
+#if VEC256
+/* vec_scores on 8 lanes: 8 keys at a time, bfloat16 rows widened to float32 (no dot-product
+ * instruction here); dim % 8 == 0. */
+INLINE void vec8_scores(int bf16, const void *q, const void *k, const void *v, const int64_t *slots, int64_t context,
+                        int head, int n_rep, int dim, int v_dim, int64_t k_slot, int64_t k_head, int64_t v_slot,
+                        int64_t v_head, float scale, float *restrict scores) {
+    const size_t elem = bf16 ? 2 : 4;
+    const int chunks = dim / 8;
+    __m256 qv[n_rep * chunks];
+    for (int c = 0; c < n_rep * chunks; c++) qv[c] = load8(bf16, (const char *)q + 8 * c * elem);
+    const __m256 scaled = _mm256_set1_ps(scale);
+    int64_t j = 0;
+    for (; j + 8 <= context; j += 8) {
+        const char *rows[8];
+        for (int i = 0; i < 8; i++) {
+            if (j + i + PREFETCH_ROWS < context)
+                prefetch_kv(k, v, slots[j + i + PREFETCH_ROWS], head, dim, v_dim, k_slot, k_head, v_slot, v_head, elem);
+            rows[i] = (const char *)k + (size_t)(slots[j + i] * k_slot + head * k_head) * elem;
+        }
+        for (int r = 0; r < n_rep; r++) {
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) {
+                acc[i] = _mm256_setzero_ps();
+                for (int c = 0; c < chunks; c++)
+                    acc[i] = _mm256_fmadd_ps(qv[r * chunks + c], load8(bf16, rows[i] + 8 * c * elem), acc[i]);
+            }
+            _mm256_storeu_ps(scores + r * context + j, _mm256_mul_ps(scaled, sum_lanes8(acc)));
+        }
+    }
+    for (; j < context; j++) {
+        const char *row = (const char *)k + (size_t)(slots[j] * k_slot + head * k_head) * elem;
+        for (int r = 0; r < n_rep; r++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int c = 0; c < chunks; c++) acc = _mm256_fmadd_ps(qv[r * chunks + c], load8(bf16, row + 8 * c * elem), acc);
+            scores[r * context + j] = scale * reduce_add8(acc);
+        }
+    }
+}
+
+/* vec_softmax on 8 lanes (the last context % 8 scores one by one) */
+INLINE float vec8_softmax(float *restrict s, int64_t context, const float *sink) {
+    __m256 top = _mm256_set1_ps(sink ? *sink : s[0]);
+    int64_t j = 0;
+    for (; j + 8 <= context; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
+    float most = reduce_max8(top);
+    for (int64_t t = j; t < context; t++) most = s[t] > most ? s[t] : most;
+    const __m256 m = _mm256_set1_ps(most);
+    __m256 sum = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= context; j += 8) {
+        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = reduce_add8(sum);
+    for (; j < context; j++) {
+        s[j] = exp_nonpositive(s[j] - most);
+        total += s[j];
+    }
+    if (sink) total += exp_nonpositive(*sink - most);
+    return 1.0f / total;
+}
+
+/* vec_values on 8 lanes, for v_dim % 8 == 0 and n_rep <= 12: 16 registers hold at most 12
+ * accumulators, so the V columns go in groups of 12 / n_rep vectors, one pass over the rows each
+ * (the rows of the second pass come from the cache). */
+INLINE void vec8_values(int bf16, const void *v, const int64_t *slots, int64_t context, int head, int n_rep, int v_dim,
+                        int64_t v_slot, int64_t v_head, const float *restrict scores, float *restrict acc) {
+    const size_t elem = bf16 ? 2 : 4;
+    const int chunks = v_dim / 8, group = 12 / n_rep;
+    for (int c0 = 0; c0 < chunks; c0 += group) {
+        const int width = chunks - c0 < group ? chunks - c0 : group;
+        __m256 sums[n_rep * group];
+        for (int c = 0; c < n_rep * width; c++) sums[c] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < context; j++) {
+            const char *row = (const char *)v + (size_t)(slots[j] * v_slot + head * v_head) * elem;
+            for (int c = 0; c < width; c++) {
+                const __m256 x = load8(bf16, row + 8 * (c0 + c) * elem);
+                for (int r = 0; r < n_rep; r++)
+                    sums[r * width + c] = _mm256_fmadd_ps(_mm256_set1_ps(scores[r * context + j]), x, sums[r * width + c]);
+            }
+        }
+        for (int r = 0; r < n_rep; r++)
+            for (int c = 0; c < width; c++) _mm256_storeu_ps(acc + r * v_dim + 8 * (c0 + c), sums[r * width + c]);
+    }
+}
+#endif
+
 /* One (sequence, KV head): its n_rep query heads over `context` keys. The query, the output
  * accumulator and the row in flight live on the stack: for the common shapes their sizes are
  * constants and the accumulator stays in vector registers. scores: n_rep * context floats. */
@@ -156,6 +243,11 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
     if ((bf16 && BF16_DOT && dim % 32 == 0) || (!bf16 && dim % 16 == 0)) {
         vec_scores(bf16, (const char *)q + ((size_t)seq * heads + first) * dim * elem, k, v, slots, context, head, n_rep,
                    dim, v_dim, k_slot, k_head, v_slot, v_head, scale, scores);
+    } else
+#elif VEC256
+    if (dim % 8 == 0) {
+        vec8_scores(bf16, (const char *)q + ((size_t)seq * heads + first) * dim * elem, k, v, slots, context, head,
+                    n_rep, dim, v_dim, k_slot, k_head, v_slot, v_head, scale, scores);
     } else
 #endif
     {
@@ -180,6 +272,8 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
             for (int64_t j = 0; j < context; j++) s[j] = softcap * tanhf(s[j] / softcap);
 #if VEC512
         inverse[r] = vec_softmax(s, context, sinks ? sinks + first + r : NULL);
+#elif VEC256
+        inverse[r] = vec8_softmax(s, context, sinks ? sinks + first + r : NULL);
 #else
         float top = sinks ? sinks[first + r] : s[0];
         for (int64_t j = 0; j < context; j++) top = s[j] > top ? s[j] : top;
@@ -195,6 +289,10 @@ INLINE void attend(int bf16, const void *q, const void *k, const void *v, void *
 #if VEC512
     if (v_dim % 16 == 0 && n_rep * v_dim <= 384) {
         vec_values(bf16, v, slots, context, head, n_rep, v_dim, v_slot, v_head, scores, acc);
+    } else
+#elif VEC256
+    if (v_dim % 8 == 0 && n_rep <= 12) {
+        vec8_values(bf16, v, slots, context, head, n_rep, v_dim, v_slot, v_head, scores, acc);
     } else
 #endif
     {

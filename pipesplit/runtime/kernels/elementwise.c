@@ -36,6 +36,28 @@ INLINE void store16(int bf16, void *p, __m512 x) {
 }
 #endif
 
+#if VEC256
+/* The AVX-512 helpers above on 8 lanes. 8 float32 lanes rounded to bfloat16 (to nearest even), as the high halves of their bits */
+INLINE __m256i bf16_round8(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+}
+INLINE __m256 round8(int bf16, __m256 x) {
+    return bf16 ? _mm256_castsi256_ps(_mm256_and_si256(bf16_round8(x), _mm256_set1_epi32((int)0xffff0000u))) : x;
+}
+/* 8 float32 lanes stored in the storage dtype */
+INLINE void store8(int bf16, void *p, __m256 x) {
+    if (bf16) {
+        const __m256i high = _mm256_srli_epi32(bf16_round8(x), 16);
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high, high), 0x08);
+        _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+    } else {
+        _mm256_storeu_ps(p, x);
+    }
+}
+#endif
+
 /* ---- RMSNorm: out = weight * to_dtype(x * rsqrt(mean(x^2) + eps)) -------------------------------
  * With `residual` (non-NULL), x is first replaced by sum = to_dtype(residual + x), which is also
  * written to `sum_out` (the layer's new residual stream). */
@@ -66,6 +88,26 @@ INLINE void rms_norm_rows(int bf16, const void *x, int64_t x_stride, const void 
             for (int i = 0; i < dim; i += 16) {
                 const __m512 v = load16(bf16, (rr ? so : xr) + i * esize); /* the sum as stored */
                 store16(bf16, o + i * esize, _mm512_mul_ps(_mm512_loadu_ps(w + i), round16(bf16, _mm512_mul_ps(v, inv))));
+            }
+            continue;
+        }
+#elif VEC256
+        if (dim % 8 == 0) { /* the same steps on 8 lanes */
+            const char *rr = residual ? (const char *)residual + r * r_stride * esize : NULL;
+            char *so = residual ? (char *)sum_out + r * (int64_t)dim * esize : NULL;
+            __m256 squares = _mm256_setzero_ps();
+            for (int i = 0; i < dim; i += 8) {
+                __m256 v = load8(bf16, xr + i * esize);
+                if (rr) {
+                    v = round8(bf16, _mm256_add_ps(load8(bf16, rr + i * esize), v));
+                    store8(bf16, so + i * esize, v);
+                }
+                squares = _mm256_fmadd_ps(v, v, squares);
+            }
+            const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(reduce_add8(squares) / (float)dim + eps));
+            for (int i = 0; i < dim; i += 8) {
+                const __m256 v = load8(bf16, (rr ? so : xr) + i * esize); /* the sum as stored */
+                store8(bf16, o + i * esize, _mm256_mul_ps(_mm256_loadu_ps(w + i), round8(bf16, _mm256_mul_ps(v, inv))));
             }
             continue;
         }
@@ -113,6 +155,19 @@ INLINE void rotary_rows(int bf16, const void *x, int64_t x_stride, const void *c
                 }
                 continue;
             }
+#elif VEC256
+            if (half % 8 == 0) { /* the same steps on 8 lanes */
+                for (int i = 0; i < half; i += 8) {
+                    const __m256 a = load8(bf16, xr + i * esize), b = load8(bf16, xr + (i + half) * esize);
+                    const __m256 c1 = _mm256_loadu_ps(c + i), c2 = _mm256_loadu_ps(c + i + half);
+                    const __m256 s1 = _mm256_loadu_ps(s + i), s2 = _mm256_loadu_ps(s + i + half);
+                    store8(bf16, o + i * esize, _mm256_add_ps(round8(bf16, _mm256_mul_ps(a, c1)),
+                                                              round8(bf16, _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), b), s1))));
+                    store8(bf16, o + (i + half) * esize, _mm256_add_ps(round8(bf16, _mm256_mul_ps(b, c2)),
+                                                                       round8(bf16, _mm256_mul_ps(a, s2))));
+                }
+                continue;
+            }
 #endif
             load_row(bf16, xr, row, dim);
             for (int i = 0; i < half; i++) {
@@ -146,6 +201,16 @@ INLINE __m512 silu16(__m512 g) {
 }
 #endif
 
+#if VEC256
+INLINE __m256 silu8(__m256 g) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 e = exp_nonpositive8(_mm256_sub_ps(zero, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), g)));
+    const __m256 top = _mm256_blendv_ps(e, one, _mm256_cmp_ps(g, zero, _CMP_GE_OQ));
+    const __m256 y = _mm256_div_ps(_mm256_mul_ps(g, top), _mm256_add_ps(one, e));
+    return _mm256_and_ps(y, _mm256_cmp_ps(g, _mm256_set1_ps(-87.0f), _CMP_GE_OQ)); /* as silu() */
+}
+#endif
+
 INLINE void swiglu_rows(int bf16, const void *gate, const void *up, int64_t stride, void *out, int64_t rows, int dim,
                         int threads) {
     const size_t esize = bf16 ? 2 : 4;
@@ -158,6 +223,11 @@ INLINE void swiglu_rows(int bf16, const void *gate, const void *up, int64_t stri
         for (; i + 16 <= dim; i += 16) {
             store16(bf16, o + i * esize, _mm512_mul_ps(round16(bf16, silu16(load16(bf16, g + i * esize))),
                                                       load16(bf16, u + i * esize)));
+        }
+#elif VEC256
+        for (; i + 8 <= dim; i += 8) {
+            store8(bf16, o + i * esize, _mm256_mul_ps(round8(bf16, silu8(load8(bf16, g + i * esize))),
+                                                     load8(bf16, u + i * esize)));
         }
 #endif
         if (i < dim) { /* the rest (all of it without VEC512), in loops the compiler vectorises */
@@ -172,7 +242,7 @@ INLINE void swiglu_rows(int bf16, const void *gate, const void *up, int64_t stri
 }
 
 /* Whether swiglu runs vectorised (the loops alone are slower than torch's vectorised ops). */
-int swiglu_vectorised(void) { return VEC512; }
+int swiglu_vectorised(void) { return VEC512 || VEC256; }
 
 /* ---- entry points: one per storage dtype, the dtype a constant inside */
 #define ENTRIES(suffix, bf16)                                                                                 \
