@@ -38,13 +38,14 @@ INLINE void prefetch_kv(const void *k, const void *v, int64_t slot, int head, in
     prefetch_row((const char *)v + (size_t)(slot * v_slot + head * v_head) * elem, (size_t)v_dim * elem);
 }
 
-#if VEC512
-/* The K row of (slot, head) and the prefetch of the rows a block of 16 keys ahead. */
+/* In the vector score loops: the K row of (slot, head) and the prefetch of the rows PREFETCH_ROWS
+ * keys ahead. */
 #define K_ROW(J) ((const char *)k + (size_t)(slots[J] * k_slot + head * k_head) * elem)
 #define PREFETCH_AHEAD(J)                                                                                   \
     if ((J) + PREFETCH_ROWS < context)                                                                      \
         prefetch_kv(k, v, slots[(J) + PREFETCH_ROWS], head, dim, v_dim, k_slot, k_head, v_slot, v_head, elem)
 
+#if VEC512
 /* scores[r * context + j] = scale * q_r . k_j, 16 keys at a time: each key's products summed in a
  * vector per query head, the 16 vectors reduced together (sum_lanes16), the rest one by one.
  * bfloat16 rows (dim % 32 == 0, BF16_DOT) multiply in hardware (vdpbf16ps: exact products,
@@ -93,8 +94,6 @@ INLINE void vec_scores(int bf16, const void *q, const void *k, const void *v, co
     }
 #undef DOT
 }
-#undef K_ROW
-#undef PREFETCH_AHEAD
 
 /* s[j] = exp(s[j] - max) over a row of scores (the sink, where given, counts towards the max and the
  * sum); returns 1 / the sum. */
@@ -156,9 +155,8 @@ INLINE void vec8_scores(int bf16, const void *q, const void *k, const void *v, c
     for (; j + 8 <= context; j += 8) {
         const char *rows[8];
         for (int i = 0; i < 8; i++) {
-            if (j + i + PREFETCH_ROWS < context)
-                prefetch_kv(k, v, slots[j + i + PREFETCH_ROWS], head, dim, v_dim, k_slot, k_head, v_slot, v_head, elem);
-            rows[i] = (const char *)k + (size_t)(slots[j + i] * k_slot + head * k_head) * elem;
+            PREFETCH_AHEAD(j + i);
+            rows[i] = K_ROW(j + i);
         }
         for (int r = 0; r < n_rep; r++) {
             __m256 acc[8];
@@ -171,7 +169,8 @@ INLINE void vec8_scores(int bf16, const void *q, const void *k, const void *v, c
         }
     }
     for (; j < context; j++) {
-        const char *row = (const char *)k + (size_t)(slots[j] * k_slot + head * k_head) * elem;
+        PREFETCH_AHEAD(j);
+        const char *row = K_ROW(j);
         for (int r = 0; r < n_rep; r++) {
             __m256 acc = _mm256_setzero_ps();
             for (int c = 0; c < chunks; c++) acc = _mm256_fmadd_ps(qv[r * chunks + c], load8(bf16, row + 8 * c * elem), acc);
@@ -227,6 +226,8 @@ INLINE void vec8_values(int bf16, const void *v, const int64_t *slots, int64_t c
     }
 }
 #endif
+#undef K_ROW
+#undef PREFETCH_AHEAD
 
 /* One (sequence, KV head): its n_rep query heads over `context` keys. The query, the output
  * accumulator and the row in flight live on the stack: for the common shapes their sizes are
