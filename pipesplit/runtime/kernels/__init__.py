@@ -10,7 +10,8 @@ Where the compiler targets AVX-512, the kernels run 16-lane intrinsics; with AVX
 attention sums its products with vdpbf16ps, and where it targets AMX (and Linux grants the tiles)
 bfloat16 prefill chunks multiply in tiles (PIPESPLIT_NO_AMX=1: vdpbf16ps there too). Where it
 targets AVX2 with FMA but not AVX-512 (or with PIPESPLIT_AVX2_KERNELS=1), decode attention, RMSNorm,
-rotary and SwiGLU run the same steps in 8-lane intrinsics. Elsewhere (or with
+rotary and SwiGLU run the same steps in 8-lane intrinsics, and float32 prefill blocks multiply in
+register tiles of 6 rows x 16 columns. Elsewhere (or with
 PIPESPLIT_PORTABLE_KERNELS=1) portable C loops that the compiler vectorises.
 The library is built for this CPU (`-march=native`) into a cache folder (`PIPESPLIT_CACHE_DIR`,
 else `$XDG_CACHE_HOME/pipesplit`, else `~/.cache/pipesplit`) under a name that hashes the
