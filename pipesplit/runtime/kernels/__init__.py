@@ -156,7 +156,7 @@ def status() -> NativeStatus:
 def supports(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
     """Whether decode_attention can serve these tensors (CPU, float32 or bfloat16, rows contiguous)."""
     return (
-        q.device.type == "cpu"
+        q.is_cpu
         and q.dtype in _SUFFIX
         and k_pool.dtype == v_pool.dtype == q.dtype
         and k_pool.stride(-1) == 1
@@ -175,14 +175,21 @@ def supports(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> boo
 SERIAL_ELEMENTS = 64 * 576
 
 
-def _call(name: str, dtype: torch.dtype, *args, elements: int | None = None) -> None:
-    """The kernel `name` for `dtype` on torch's thread count (on one thread for an element-wise
-    kernel over at most SERIAL_ELEMENTS `elements`); raises if the library is missing or the kernel fails."""
+@functools.cache
+def _entry(name: str, dtype: torch.dtype):
+    """The library's function for kernel `name` in `dtype` (looked up once: a step calls a few
+    hundred of them); raises if the library is missing."""
     library = _library()[0]
     if library is None:
         raise RuntimeError(status().detail)
+    return getattr(library, f"{name}_{_SUFFIX[dtype]}")
+
+
+def _call(name: str, dtype: torch.dtype, *args, elements: int | None = None) -> None:
+    """The kernel `name` for `dtype` on torch's thread count (on one thread for an element-wise
+    kernel over at most SERIAL_ELEMENTS `elements`); raises if the library is missing or the kernel fails."""
     threads = 1 if elements is not None and elements <= SERIAL_ELEMENTS else torch.get_num_threads()
-    code = getattr(library, f"{name}_{_SUFFIX[dtype]}")(*args, threads)
+    code = _entry(name, dtype)(*args, threads)
     if code != 0:
         raise RuntimeError(f"{name} failed with code {code}")
 
@@ -259,13 +266,13 @@ def prefill_attention(
 def rows_supported(*tensors: torch.Tensor) -> bool:
     """Whether the element-wise kernels can serve these tensors: on the CPU, all of one dtype
     (float32 or bfloat16), each with a contiguous last dimension (shapes are the caller's check)."""
-    first = tensors[0]
-    return (
-        first.device.type == "cpu"
-        and first.dtype in _SUFFIX
-        and all(t.dtype == first.dtype and t.device == first.device and t.stride(-1) == 1 for t in tensors)
-        and _library()[0] is not None
-    )
+    dtype = tensors[0].dtype
+    if dtype not in _SUFFIX or _library()[0] is None:
+        return False
+    for t in tensors:  # a loop, not all(...): this runs several times per layer and step
+        if not t.is_cpu or t.dtype != dtype or t.stride(-1) != 1:
+            return False
+    return True
 
 
 def _row_stride(x: torch.Tensor) -> int:

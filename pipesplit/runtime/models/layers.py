@@ -312,7 +312,7 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on the CPU with the rows padded to `padded_rows` (the padding rows are zeros and
     are cut off again), float32 and packed weights (`pack_weight`) computed by oneDNN."""
-    if x.device.type != "cpu" or (not weight.is_mkldnn and (x.dim() != 2 or x.shape[0] == 0)):
+    if not x.is_cpu or (not weight.is_mkldnn and (x.dim() != 2 or x.shape[0] == 0)):
         return F.linear(x, weight, bias)
     if x.dim() != 2:
         return linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
@@ -326,7 +326,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     else:
         out = F.linear(x, weight, bias)
-    return out[:rows]
+    return out if padded == rows else out[:rows]
 
 
 # -- packed GEMM weights -----------------------------------------------------------------------------
@@ -857,7 +857,7 @@ class GQAttention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             kv_width = self.kv_heads * self.head_dim
-            q, k, v = linear(x, *self.qkv).split([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
+            q, k, v = linear(x, *self.qkv).split_with_sizes([self.heads * self.head_dim, kv_width, kv_width], dim=-1)
         q = q.view(tokens, self.heads, self.head_dim)
         k = k.view(tokens, self.kv_heads, self.head_dim)
         v = v.view(tokens, self.kv_heads, self.head_dim)
