@@ -3,7 +3,7 @@
 Starts each server in turn (pipesplit PP1 and PP2, vLLM CPU PP1 from its own venv, see
 bench/peers.py) on a free port of 127.0.0.1, sends the same streaming /v1/completions requests at
 each concurrency level (fixed output length: ignore_eos; default: concurrency 16, 48 requests of
-64 tokens, bfloat16) `--rounds` times (default 3; the median round counts), writes
+64 tokens, the dtype `auto` picks) `--rounds` times (default 3; the median round counts), writes
 bench/results/serve.json and prints a Markdown table.
 
     .venv/bin/python bench/serve.py [--engines pipesplit-pp1,vllm-pp1] [--concurrency 1,4,16]
