@@ -1,15 +1,20 @@
 """Simulated vs measured: SmolLM2 on this CPU, several splits at PP2 and PP3, two workloads.
 
 1. `pipesplit profile` (the real runtime's layers, batches, scheduler and gloo transfers, and its
-   calibration against the engine at PP1 on a workload of its own) on this machine, once per
-   thread count the runs use (the engine gives each stage cores // pp threads);
+   calibration against the engine, at PP1 and with co-running stages, on a workload of its own)
+   on this machine, once per thread count the runs use (the engine gives each stage cores // pp
+   threads);
 2. for each split, the real engine (`pipesplit.LLM`) runs each workload: all requests at once, and
    Poisson arrivals; every request produces exactly its output length (EOS ignored); `--rounds`
    times (default 2: the splits in order, then in reverse), the rounds' mean counting;
 3. `planner.simulator.simulate` runs the same requests (same token ids, same arrival times) with
    the profile, and the errors of output throughput and TTFT p50 are reported, with whether the
-   simulator orders the splits (by throughput, per PP and workload) as the measurements do; the
-   summary also gives the errors of the pieces alone (the calibration's scales set to 1).
+   simulator orders the splits (by throughput and TTFT, per PP and workload) as the measurements
+   do, in all and for the pairs of splits whose rounds do not overlap; the summary also gives the
+   errors of the pieces alone (the calibration's scales set to 1, the co-run microbenchmark), and the
+   errors with the VM's speed drift taken out: a fixed piece of work (`reference_seconds`) is
+   timed after profiling and before each split's runs, and the simulation of a split scaled by
+   its ratio (this VM's speed moved by 10-15% within half an hour on 2026-12-07).
 
     .venv/bin/python bench/simulator.py              # the full run (~15-20 minutes on 2 cores)
     .venv/bin/python bench/simulator.py --quick      # two splits, small workloads: a smoke run
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -34,11 +40,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pipesplit import LLM, SamplingParams  # noqa: E402
 from pipesplit.planner.simulator import (  # noqa: E402
     PipelineConfig,
+    MeasuredRun,
     Profile,
+    ProfileCosts,
     RequestTimes,
     SimResult,
     Workload,
-    simulate_on_cpu,
+    calibration_scales,
+    fit_corun_slowdown,
+    simulate,
     summarize,
 )
 from pipesplit.runtime.loader import resolve_model  # noqa: E402
@@ -93,9 +103,37 @@ def run_real(llm: LLM, workload: Workload) -> tuple[list[RequestTimes], float, f
     return list(done.values()), min(arrived.values()), end
 
 
+def reference_seconds(dtype: str) -> float:
+    """How long a fixed piece of work takes on this machine now: a stack of SmolLM2's first layers
+    on a decode batch and on a prefill chunk, one thread (the co-run microbenchmark's runs), the
+    sum of their medians. Taken after profiling and before each measurement, its ratio says how
+    much the VM's speed moved in between."""
+    import torch
+
+    from pipesplit.runtime import profile as profiler
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            return sum(profiler._median_seconds(run, torch.device("cpu"), 7)
+                       for run in profiler._corun_runs("smollm2", profiler.DTYPES[dtype]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def drift_corrected(profile: Profile, drift: float) -> Profile:
+    """The profile with every stage's compute scaled by the VM's speed drift (now over then)."""
+    return dataclasses.replace(profile, prefill_scale=profile.prefill_scale * drift,
+                               decode_scale=profile.decode_scale * drift)
+
+
 def pieces_only(profile: Profile) -> Profile:
-    """The profile without its calibration against the engine."""
-    return dataclasses.replace(profile, prefill_scale=1.0, decode_scale=1.0)
+    """The profile without its calibration against the engine: scales 1, the co-run slowdown of
+    the microbenchmark."""
+    corun = (profile.meta or {}).get("measurements", {}).get("corun_calibration", {})
+    return dataclasses.replace(profile, prefill_scale=1.0, decode_scale=1.0,
+                               corun_slowdown=corun.get("microbenchmark_slowdown", profile.corun_slowdown))
 
 
 def mean_result(runs: list[SimResult]) -> SimResult:
@@ -104,18 +142,22 @@ def mean_result(runs: list[SimResult]) -> SimResult:
     return dataclasses.replace(runs[0], **{k: statistics.fmean(getattr(r, k) for r in runs) for k in metrics})
 
 
-def compare_row(pp, partition, name, measured, simulated, uncalibrated=None) -> dict:
-    """One split and workload: the measurement against the simulation, and against the simulation
-    with the pieces alone (the profile's prefill and decode scales set to 1) where given."""
+def compare_row(pp, partition, name, measured, simulated, uncalibrated=None, drifted=None) -> dict:
+    """One split and workload: the measurement against the simulation, against the simulation
+    with the pieces alone (the profile's prefill and decode scales set to 1) and against the
+    simulation with the VM's speed drift since profiling taken out, where given."""
     row = {"pp": pp, "partition": list(partition), "workload": name,
            "measured": measured.to_json(), "simulated": simulated.to_json()}
-    if uncalibrated is not None:
-        row["simulated_uncalibrated"] = uncalibrated.to_json()
+    others = {"uncalibrated": uncalibrated, "drift_corrected": drifted}
+    for label, result in others.items():
+        if result is not None:
+            row[f"simulated_{label}"] = result.to_json()
     for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
         m, s = getattr(measured, key), getattr(simulated, key)
         row[f"error_{key}"] = (s - m) / m
-        if uncalibrated is not None:
-            row[f"error_uncalibrated_{key}"] = (getattr(uncalibrated, key) - m) / m
+        for label, result in others.items():
+            if result is not None:
+                row[f"error_{label}_{key}"] = (getattr(result, key) - m) / m
     print(f"PP{pp} {','.join(map(str, partition)):>8} {name:<11} tok/s measured "
           f"{measured.output_tokens_per_s:7.1f} simulated {simulated.output_tokens_per_s:7.1f} "
           f"({row['error_output_tokens_per_s']:+.1%}); TTFT p50 {measured.ttft_p50 * 1e3:7.1f} / "
@@ -131,9 +173,10 @@ def summarize_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
     for key in ("output_tokens_per_s", "ttft_p50", "tpot_p50"):
         errs = [abs(r[f"error_{key}"]) for r in rows]
         summary[key] = {"median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
-        if all(f"error_uncalibrated_{key}" in r for r in rows):
-            errs = [abs(r[f"error_uncalibrated_{key}"]) for r in rows]
-            summary[key]["uncalibrated"] = {"median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+        for label in ("uncalibrated", "drift_corrected"):
+            if all(f"error_{label}_{key}" in r for r in rows):
+                errs = [abs(r[f"error_{label}_{key}"]) for r in rows]
+                summary[key][label] = {"median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
     orders = []
     for pp, name in dict.fromkeys((r["pp"], r["workload"]) for r in rows):
         group = [r for r in rows if r["pp"] == pp and r["workload"] == name]
@@ -141,33 +184,82 @@ def summarize_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
             rank = lambda which: [r["partition"] for r in  # noqa: E731
                                   sorted(group, key=lambda r: sign * r[which][metric])]
             orders.append({"pp": pp, "workload": name, "by": metric, "measured": rank("measured"),
-                           "simulated": rank("simulated"), "same": rank("measured") == rank("simulated")})
+                           "simulated": rank("simulated"), "same": rank("measured") == rank("simulated"),
+                           **separated_pairs(group, metric)})
     return summary, orders
 
 
+def separated_pairs(group: list[dict], metric: str) -> dict:
+    """The pairs of splits whose measured rounds do not overlap on `metric` (every round of one
+    beats every round of the other), and how many of them the simulator orders the same way."""
+    spans = {tuple(r["partition"]): [x[metric] for x in r.get("rounds") or [r["measured"]]] for r in group}
+    separated = agreeing = 0
+    for a, b in itertools.combinations(group, 2):
+        (lo_a, hi_a), (lo_b, hi_b) = ((min(v), max(v)) for v in (spans[tuple(a["partition"])],
+                                                                    spans[tuple(b["partition"])]))
+        if hi_a < lo_b or hi_b < lo_a:
+            separated += 1
+            measured = a["measured"][metric] - b["measured"][metric]
+            simulated = a["simulated"][metric] - b["simulated"][metric]
+            agreeing += measured * simulated > 0
+    return {"separated_pairs": separated, "separated_pairs_ordered_alike": agreeing}
+
+
+def recalibrated(profile: Profile, spec, capacities: dict[tuple[int, ...], int]) -> Profile:
+    """The profile's calibration recomputed from its stored engine runs with the current simulator
+    (a profile without stored runs stays as it is). Files of before 2026-12-07 hold one run, with
+    its split's stages co-running, and neither its workload nor its settings: those are rebuilt."""
+    from pipesplit.runtime import profile as profiler
+
+    measurements = (profile.meta or {}).get("measurements", {})
+    calib = measurements.get("calibration")
+    if not calib:
+        return profile
+    if "workload" not in calib:
+        partition = tuple(calib["partition"])
+        capacity = capacities.get(partition) or max(capacities.values())
+        workload = profiler._calibration_workload(capacity, spec.max_position_embeddings)
+        calib = {**calib, "max_total_num_tokens": capacity, "config": {}, "workload": dataclasses.asdict(workload)}
+    pieces = pieces_only(profile)
+    prefill, decode = calibration_scales(spec, pieces, MeasuredRun.from_json(calib))
+    calibrated = dataclasses.replace(pieces, prefill_scale=prefill, decode_scale=decode)
+    if "corun_calibration" in measurements:
+        together = MeasuredRun.from_json(measurements["corun_calibration"])
+        calibrated = dataclasses.replace(calibrated, corun_slowdown=fit_corun_slowdown(spec, calibrated, together))
+    return calibrated
+
+
 def resimulate(path: str) -> int:
-    """Recomputes the simulated side of a results file with the current simulator (same profiles,
-    same workloads), e.g. after a simulator change; the measurements stay as they were."""
+    """Recomputes the simulated side of a results file with the current simulator (same profiles
+    and their stored calibration steps, same workloads), e.g. after a simulator change; the
+    measurements stay as they were."""
     from pipesplit.planner.spec import load_spec
 
     doc = json.loads(Path(path).read_text())
     spec = load_spec("smollm2")
-    loads = {k: Workload(**{**w, "prompt_len": tuple(w["prompt_len"]), "output_len": tuple(w["output_len"])})
-             for k, w in doc["workloads"].items()}
+    loads = {k: Workload.from_json(w) for k, w in doc["workloads"].items()}
     cores = doc["machine"]["cpus"]
-    profiles = {int(t): Profile.from_json(p) for t, p in doc["profiles"].items()}
+    capacities = {tuple(r["partition"]): r["measured"]["max_total_num_tokens"] for r in doc["rows"]}
+    profiles = {int(t): recalibrated(Profile.from_json(p), spec, capacities) for t, p in doc["profiles"].items()}
+    for t, p in profiles.items():
+        print(f"profile of {t} thread(s): scales {p.prefill_scale:.3f} prefill, {p.decode_scale:.3f} decode, "
+              f"co-run slowdown {p.corun_slowdown:.3f}", file=sys.stderr)
     rows = []
     for old in doc["rows"]:
         pp, partition = old["pp"], tuple(old["partition"])
         profile = profiles[max(1, cores // pp)]
         m = old["measured"]
         measured = SimResult(**{**m, "partition": partition, "stage_busy": tuple(m["stage_busy"])})
-        simulated, uncalibrated = (simulate_on_cpu(spec, partition, m["max_total_num_tokens"], p,
-                                                   loads[old["workload"]], PipelineConfig(**old.get("config", {})))
-                                   for p in (profile, pieces_only(profile)))
-        rows.append(compare_row(pp, partition, old["workload"], measured, simulated, uncalibrated))
+        variants = [profile, pieces_only(profile)]
+        if "drift" in old:
+            variants.append(drift_corrected(profile, statistics.fmean(old["drift"])))
+        results = [simulate(spec, partition, m["max_total_num_tokens"], ProfileCosts(p, spec), loads[old["workload"]],
+                            PipelineConfig(**old.get("config", {}))) for p in variants]
+        row = compare_row(pp, partition, old["workload"], measured, *results)
+        rows.append({**row, **{k: old[k] for k in ("config", "rounds", "drift") if k in old}})
     doc["summary"], doc["orders"] = summarize_rows(rows)
     doc["rows"] = rows
+    doc["profiles"] = {str(t): p.to_json() for t, p in profiles.items()}
     print(json.dumps({"summary": doc["summary"], "orders": doc["orders"]}, indent=1))
     Path(path).write_text(json.dumps(doc, indent=1))
     return 0
@@ -196,15 +288,17 @@ def main() -> int:
             print(f"profiling smollm2 with {threads} thread(s)", file=sys.stderr, flush=True)
             profiles[threads] = profile_model("smollm2", "cpu", args.dtype, threads, args.repeats, calibrate=True)
     profile_seconds = time.perf_counter() - started
+    reference = reference_seconds(args.dtype)
 
     # Each split's engine runs the workloads once per round; rounds go over the splits forwards,
     # then backwards, ..., so that a slow spell of the VM does not fall on neighbouring splits
     # only; the row compares the rounds' mean with the simulator and keeps each round.
     order = [(pp, tuple(partition)) for pp, parts in splits.items() for partition in parts]
     measured_runs: dict[tuple, list[SimResult]] = {}
-    configs, capacities = {}, {}
+    configs, capacities, drifts = {}, {}, {}
     for round_ in range(args.rounds):
         for pp, partition in (order if round_ % 2 == 0 else order[::-1]):
+            drifts.setdefault((pp, partition), []).append(reference_seconds(args.dtype) / reference)
             llm = LLM("smollm2", pp=pp, partition=list(partition), dtype=args.dtype, log=False)
             try:
                 llm.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
@@ -220,7 +314,8 @@ def main() -> int:
                     run = summarize(partition, capacity, times, start, end, [0.0] * pp, 0, 0)
                     measured_runs.setdefault((pp, partition, name), []).append(run)
                     print(f"round {round_ + 1} PP{pp} {','.join(map(str, partition)):>8} {name:<11} "
-                          f"{run.output_tokens_per_s:7.1f} tok/s", file=sys.stderr, flush=True)
+                          f"{run.output_tokens_per_s:7.1f} tok/s (VM speed drift {drifts[pp, partition][-1]:.3f})",
+                          file=sys.stderr, flush=True)
             finally:
                 llm.close()
 
@@ -231,11 +326,15 @@ def main() -> int:
         for name, workload in loads.items():
             runs = measured_runs[pp, partition, name]
             measured = mean_result(runs)
-            simulated, uncalibrated = (simulate_on_cpu(spec, partition, capacities[pp, partition], p, workload,
-                                                       configs[pp, partition]) for p in (profile, pieces_only(profile)))
-            row = compare_row(pp, partition, name, measured, simulated, uncalibrated)
+            drift = statistics.fmean(drifts[pp, partition])
+            simulated, uncalibrated, drifted = (
+                simulate(spec, partition, capacities[pp, partition], ProfileCosts(p, spec), workload,
+                         configs[pp, partition])
+                for p in (profile, pieces_only(profile), drift_corrected(profile, drift)))
+            row = compare_row(pp, partition, name, measured, simulated, uncalibrated, drifted)
             row["config"] = dataclasses.asdict(configs[pp, partition])
             row["rounds"] = [r.to_json() for r in runs]
+            row["drift"] = drifts[pp, partition]
             rows.append(row)
 
     summary, orders = summarize_rows(rows)
@@ -243,6 +342,7 @@ def main() -> int:
         "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version()},
         "dtype": args.dtype,
         "profile_seconds": round(profile_seconds, 1),
+        "reference_seconds": reference,
         "total_seconds": round(time.perf_counter() - started, 1),
         "workloads": {k: vars(w) for k, w in loads.items()},
         "summary": summary,

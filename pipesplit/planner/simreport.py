@@ -21,7 +21,6 @@ from pipesplit.planner.simulator import (
     parse_range,
     roofline_costs,
     simulate,
-    simulate_on_cpu,
 )
 from pipesplit.planner.spec import ModelSpec
 
@@ -67,8 +66,6 @@ def simulate_plan(spec: ModelSpec, plan: Plan, costs: StepCosts, workload: Workl
     if not plan.fits:
         raise UserError(f"partition {_csv(plan.partition)} does not fit (stage {plan.binding_stage}); "
                         "pick another split or more memory")
-    if isinstance(costs, ProfileCosts):  # CPU stages share the machine's cores
-        return simulate_on_cpu(spec, plan.partition, plan.max_total_num_tokens, costs.profile, workload, config)
     return simulate(spec, plan.partition, plan.max_total_num_tokens, costs, workload, config)
 
 

@@ -9,7 +9,10 @@ completes the oldest batch in flight when it cannot schedule another. The schedu
 prefix cache) is the runtime's own class, so the simulation follows it as it changes.
 
 What a step costs comes from a `StepCosts`: a measured profile (`pipesplit profile`, see
-`ProfileCosts`) or a roofline of a catalog GPU (`RooflineCosts`). Pure Python: no torch.
+`ProfileCosts`) or a roofline of a catalog GPU (`RooflineCosts`). Stages that compute at the same
+moment share the machine (`StepCosts.slowdown`: on a CPU, memory bandwidth and, beyond its cores,
+the cores), so the simulation advances event by event, each stage at the speed that the stages
+computing beside it leave it. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import collections
 import json
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -69,6 +72,11 @@ class Workload:
             if not 1 <= low <= high:
                 raise UserError(f"{flag} {low}-{high} must have 1 <= A <= B")
 
+    @classmethod
+    def from_json(cls, doc: dict) -> "Workload":
+        """A workload as `dataclasses.asdict` wrote it (lengths as lists)."""
+        return cls(**{**doc, "prompt_len": tuple(doc["prompt_len"]), "output_len": tuple(doc["output_len"])})
+
     def draw(self, vocab_size: int) -> list[tuple[float, list[int], int]]:
         """(arrival seconds, prompt token ids, output tokens) per request, in arrival order.
 
@@ -103,6 +111,12 @@ def has_prefill(shape: StepShape) -> bool:
     return shape.tokens > shape.seqs
 
 
+def decode_view(shape: StepShape) -> StepShape:
+    """The step as if every sequence in it decoded one token over the same context: the part of a
+    step with a prefill chunk that the calibration prices like a decode step."""
+    return StepShape(shape.seqs, shape.seqs, shape.context, shape.context, shape.samples)
+
+
 def shape_of(batch: ScheduledBatch) -> StepShape:
     seqs = batch.message.seqs
     attention = context = 0
@@ -127,6 +141,10 @@ class StepCosts(Protocol):
 
     def activation_bytes(self, shape: StepShape) -> int:
         """Bytes handed from one stage to the next."""
+
+    def slowdown(self, computing: int) -> float:
+        """How much slower each stage computes while `computing` stages compute at once (1.0 where
+        stages do not share a machine)."""
 
 
 @dataclass(frozen=True)
@@ -222,14 +240,13 @@ class ProfileCosts:
     """Step costs from a measured profile: each stage sums its layers' fitted times.
 
     The profile timed the pieces alone, and the engine on a calibration workload: its prefill and
-    decode scales stretch the sum to what the engine's steps took. `contention`
-    stretches every stage's compute when stages run at the same time on one CPU: they share its
-    memory bandwidth and caches, and beyond its cores its cores too (see `simulate_on_cpu`).
+    decode scales stretch the sum to what the engine's steps took. On a CPU, stages that compute
+    at the same time share its memory bandwidth and caches, and beyond its cores its cores too
+    (`slowdown`, see `cpu_contention`).
     """
 
     profile: Profile
     spec: ModelSpec
-    contention: float = 1.0
 
     def __post_init__(self) -> None:
         missing = sorted({layer_kind(self.spec, i) for i in range(self.spec.num_layers)} - set(self.profile.layers))
@@ -237,7 +254,9 @@ class ProfileCosts:
             raise UserError(f"the profile of {self.profile.model} has no {', '.join(missing)} layers that "
                             f"{self.spec.name} needs; profile {self.spec.name} itself")
 
-    def stage_seconds(self, stage: int, layers: tuple[int, int], first: bool, last: bool, shape: StepShape) -> float:
+    def pieces_seconds(self, layers: tuple[int, int], first: bool, last: bool, shape: StepShape) -> float:
+        """A stage's step as the profile's pieces add up: its layers, the embedding (first), norm +
+        head + sampling (last), its per-step bookkeeping; no calibration."""
         p = self.profile
         counts = collections.Counter(layer_kind(self.spec, i) for i in range(*layers))
         t = p.stage_step(shape) + sum(n * p.layers[kind](shape) for kind, n in counts.items())
@@ -245,7 +264,22 @@ class ProfileCosts:
             t += p.embedding(shape)
         if last and shape.samples:
             t += p.head(shape)
-        return t * (p.prefill_scale if has_prefill(shape) else p.decode_scale) * self.contention
+        return t
+
+    def split_seconds(self, layers: tuple[int, int], first: bool, last: bool, shape: StepShape) -> tuple[float, float]:
+        """The pieces of a stage's step as (its decode view, what the prefill chunk adds to it); a
+        decode-only step is all decode view."""
+        whole = self.pieces_seconds(layers, first, last, shape)
+        if not has_prefill(shape):
+            return whole, 0.0
+        view = min(whole, self.pieces_seconds(layers, first, last, decode_view(shape)))
+        return view, whole - view
+
+    def stage_seconds(self, stage: int, layers: tuple[int, int], first: bool, last: bool, shape: StepShape) -> float:
+        """The pieces, calibrated: the decode view at the decode scale, the prefill chunk's addition
+        at the prefill scale (a small chunk beside decodes costs mostly what the decodes do)."""
+        view, added = self.split_seconds(layers, first, last, shape)
+        return view * self.profile.decode_scale + added * self.profile.prefill_scale
 
     def transfer_seconds(self, num_bytes: int) -> float:
         return self.profile.transfer_latency + self.profile.transfer_per_byte * num_bytes
@@ -255,6 +289,9 @@ class ProfileCosts:
 
     def activation_bytes(self, shape: StepShape) -> int:
         return shape.tokens * self.profile.hidden_size * self.profile.activation_itemsize
+
+    def slowdown(self, computing: int) -> float:
+        return cpu_contention(self.profile, computing)
 
 
 # -- the roofline ------------------------------------------------------------------------------------------
@@ -379,6 +416,9 @@ class RooflineCosts:
     def activation_bytes(self, shape: StepShape) -> int:
         return shape.tokens * self.spec.hidden_size * 2  # bf16 hidden states, replicated over TP ranks
 
+    def slowdown(self, computing: int) -> float:
+        return 1.0  # each stage on GPUs of its own
+
 
 def roofline_costs(spec: ModelSpec, gpu: str, num_stages: int, tp: int = 1, link: str = "nvlink",
                    kv_dtype: str = "auto") -> RooflineCosts:
@@ -482,9 +522,42 @@ class PipelineConfig:
                                self.chunked_prefill_size, self.prefix_caching)
 
 
+@dataclass(eq=False)
+class _Flight:
+    """A micro-batch on its way through the stages (simulation state)."""
+
+    batch: ScheduledBatch
+    shape: StepShape
+    hop: float  # one stage-to-stage hand-off of its hidden states
+    seconds: list[float]  # each stage's compute for it, as it ran (stretched by the stages beside it)
+    reply_at: float = math.inf  # when the last stage's answer reaches rank 0
+
+
+@dataclass(eq=False)
+class _Job:
+    """The step a stage computes now: work left in seconds of the stage computing alone."""
+
+    flight: _Flight
+    left: float
+    started: float
+    schedule_share: float = 0.0  # rank 0: the share of the job that is its scheduling work
+
+
+StepTrace = Callable[[StepShape, Sequence[float]], None]
+
+
 def simulate(spec: ModelSpec, partition: Sequence[int], capacity: int, costs: StepCosts, workload: Workload,
-             config: PipelineConfig = PipelineConfig()) -> SimResult:
-    """Runs the workload through the pipeline on simulated time; deterministic."""
+             config: PipelineConfig = PipelineConfig(), on_step: StepTrace | None = None) -> SimResult:
+    """Runs the workload through the pipeline on simulated time, event by event; deterministic.
+
+    Rank 0 follows the engine's loop: it schedules a micro-batch while fewer than M are in flight
+    and computes stage 0's layers itself; otherwise it waits for the oldest batch's answer (and,
+    with a micro-batch slot free, for a new request) and completes it. Every other stage computes
+    the batches handed to it in order. Stages that compute at the same time share the machine:
+    while k of them compute, each advances at 1 / `costs.slowdown(k)` of its speed alone.
+    `on_step(shape, seconds)` hears each completed step with every stage's compute seconds
+    (rank 0's scheduling work left out, as the engine times it).
+    """
     partition = tuple(partition)
     num_stages = len(partition)
     if sum(partition) != spec.num_layers:
@@ -493,6 +566,7 @@ def simulate(spec: ModelSpec, partition: Sequence[int], capacity: int, costs: St
     if capacity < 1:
         raise UserError("the split holds no KV tokens; pick a split that fits")
     ranges = stage_ranges(partition)
+    last = num_stages - 1
     sched_config = config.scheduler_config(num_stages)
     scheduler = Scheduler(sched_config, SlotAllocator(capacity), PrefixCache() if config.prefix_caching else None)
     max_context = min(spec.max_position_embeddings, capacity)
@@ -505,58 +579,102 @@ def simulate(spec: ModelSpec, partition: Sequence[int], capacity: int, costs: St
         arrivals.append((t, Request(req_id, prompt, params, req_id, max_context)))
 
     now = 0.0
-    stage_free = [0.0] * num_stages
+    jobs: list[_Job | None] = [None] * num_stages
+    handed: list[collections.deque] = [collections.deque() for _ in range(num_stages)]  # (ready at, flight)
     busy = [0.0] * num_stages
-    inflight: collections.deque = collections.deque()
+    inflight: collections.deque[_Flight] = collections.deque()
     arrival_of: dict[int, float] = {}
     first_token: dict[int, float] = {}
     finished: list[RequestTimes] = []
     steps = 0
 
-    def complete(batch: ScheduledBatch, at: float) -> None:
+    def complete(flight: _Flight) -> None:
+        batch = flight.batch
+        if on_step is not None:
+            on_step(flight.shape, list(flight.seconds))
         for request, token in scheduler.complete(batch, [0] * batch.message.num_samples):
             if token is None:
                 continue
             request.output_ids.append(token)
-            first_token.setdefault(request.req_id, at)
+            first_token.setdefault(request.req_id, now)
             if len(request.output_ids) >= request.params.max_tokens or request.num_tokens >= request.max_context:
                 scheduler.finish(request, "length")
-                finished.append(RequestTimes(arrival_of[request.req_id], first_token[request.req_id], at,
+                finished.append(RequestTimes(arrival_of[request.req_id], first_token[request.req_id], now,
                                              len(request.output_ids)))
 
-    while arrivals or scheduler.num_unfinished or inflight:
-        while arrivals and arrivals[0][0] <= now:
-            t, request = arrivals.popleft()
-            arrival_of[request.req_id] = t
-            scheduler.add(request)
-        batch = scheduler.schedule() if len(inflight) < sched_config.micro_batches else None
-        if batch is not None:
-            steps += 1
-            shape = shape_of(batch)
-            work = costs.schedule_seconds(shape) + costs.stage_seconds(0, ranges[0], True, num_stages == 1, shape)
-            busy[0] += work
-            now += work
+    def rank0_acts() -> None:
+        """Rank 0 between steps: admits arrivals, schedules a batch or completes the oldest answered one."""
+        nonlocal steps
+        while jobs[0] is None:
+            while arrivals and arrivals[0][0] <= now:
+                t, request = arrivals.popleft()
+                arrival_of[request.req_id] = t
+                scheduler.add(request)
+            batch = scheduler.schedule() if len(inflight) < sched_config.micro_batches else None
+            if batch is not None:
+                steps += 1
+                shape = shape_of(batch)
+                flight = _Flight(batch, shape, costs.transfer_seconds(costs.activation_bytes(shape)), [0.0] * num_stages)
+                scheduling = costs.schedule_seconds(shape)
+                work = scheduling + costs.stage_seconds(0, ranges[0], True, num_stages == 1, shape)
+                jobs[0] = _Job(flight, work, now, scheduling / work if work > 0 else 0.0)
+            elif inflight and inflight[0].reply_at <= now:
+                complete(inflight.popleft())
+            else:
+                return
+
+    def finish(stage: int) -> None:
+        job = jobs[stage]
+        jobs[stage] = None
+        flight = job.flight
+        busy[stage] += now - job.started
+        flight.seconds[stage] = (now - job.started) * (1 - job.schedule_share)
+        if stage == last:
             if num_stages == 1:
-                complete(batch, now)
-                continue
-            hop = costs.transfer_seconds(costs.activation_bytes(shape))
-            t = now + hop
-            for s in range(1, num_stages):
-                begin = max(t, stage_free[s])
-                d = costs.stage_seconds(s, ranges[s], False, s == num_stages - 1, shape)
-                stage_free[s] = begin + d
-                busy[s] += d
-                t = begin + d + (hop if s < num_stages - 1 else costs.transfer_seconds(8 * (shape.samples + num_stages)))
-            inflight.append((batch, t))
-        elif inflight:
-            batch, t = inflight.popleft()
-            now = max(now, t)
-            complete(batch, now)
-        elif arrivals:
-            now = max(now, arrivals[0][0])
-        elif scheduler.num_unfinished:
-            raise UserError(f"the simulated scheduler cannot make progress: a request needs more than the "
-                            f"{capacity} KV tokens of this split; shorten the requests or pick a split with more")
+                complete(flight)
+            else:
+                flight.reply_at = now + costs.transfer_seconds(8 * (flight.shape.samples + num_stages))
+            return
+        if stage == 0:
+            inflight.append(flight)
+        handed[stage + 1].append((now + flight.hop, flight))
+
+    stretch_of = [costs.slowdown(k) for k in range(num_stages + 1)]
+    stages = range(num_stages)
+    while True:
+        if jobs[0] is None:
+            rank0_acts()
+        # the next event: a stage finishes, a hand-off lands, an answer or (slot free) a request reaches rank 0
+        upcoming = math.inf
+        for s in stages:
+            if jobs[s] is None and s and handed[s]:
+                ready, flight = handed[s][0]
+                if ready <= now:
+                    handed[s].popleft()
+                    jobs[s] = _Job(flight, costs.stage_seconds(s, ranges[s], False, s == last, flight.shape), now)
+                else:
+                    upcoming = min(upcoming, ready)
+        computing = [s for s in stages if jobs[s] is not None]
+        stretch = stretch_of[len(computing)]
+        ends = [now + jobs[s].left * stretch for s in computing]
+        upcoming = min(upcoming, *ends) if ends else upcoming
+        if jobs[0] is None:
+            if inflight:
+                upcoming = min(upcoming, inflight[0].reply_at)
+            if arrivals and len(inflight) < sched_config.micro_batches:
+                upcoming = min(upcoming, arrivals[0][0])
+        if upcoming == math.inf:
+            if scheduler.num_unfinished or arrivals:
+                raise UserError(f"the simulated scheduler cannot make progress: a request needs more than the "
+                                f"{capacity} KV tokens of this split; shorten the requests or pick a split with more")
+            break
+        progress = (upcoming - now) / stretch
+        now = upcoming
+        for s, end in zip(computing, ends):
+            if end <= upcoming:
+                finish(s)
+            else:
+                jobs[s].left -= progress
     first_arrival = min(arrival_of.values())
     return summarize(partition, capacity, finished, first_arrival, now, busy, steps, scheduler.num_preemptions)
 
@@ -589,38 +707,115 @@ def chunk_pipeline_ttft(spec: ModelSpec, partition: Sequence[int], costs: StepCo
     return done[-1]
 
 
-def cpu_contention(profile: Profile, concurrency: float) -> float:
-    """How much slower a CPU stage computes while `concurrency` stages do on average (see
-    `simulate_on_cpu`): 1.0 alone or off the CPU."""
+def cpu_contention(profile: Profile, computing: int) -> float:
+    """How much slower a CPU stage computes while `computing` stages compute at once: 1.0 alone or
+    off the CPU.
+
+    Up to g = cores // threads stages each have their own cores but share memory bandwidth and
+    caches: the profiler measured a layer's time while g - 1 others run (`corun_slowdown`, s), and
+    a stage is stretched by 1 + (s - 1) * min(1, (k - 1) / (g - 1)) while k stages compute. Beyond
+    g they also share the cores (processor sharing): max(1, k x threads / cores) more.
+    """
     cores = (profile.meta or {}).get("cpu_count") or 0
-    if profile.device != "cpu" or cores < 1:
+    if profile.device != "cpu" or cores < 1 or computing <= 1:
         return 1.0
     groups = max(1, cores // profile.threads)
-    shared = 1.0 if groups == 1 else min(1.0, max(0.0, concurrency - 1) / (groups - 1))
-    return (1 + (profile.corun_slowdown - 1) * shared) * max(1.0, concurrency * profile.threads / cores)
+    shared = 1.0 if groups == 1 else min(1.0, (computing - 1) / (groups - 1))
+    return (1 + (profile.corun_slowdown - 1) * shared) * max(1.0, computing * profile.threads / cores)
 
 
-def simulate_on_cpu(spec: ModelSpec, partition: Sequence[int], capacity: int, profile: Profile, workload: Workload,
-                    config: PipelineConfig = PipelineConfig(), iterations: int = 4) -> SimResult:
-    """`simulate` with a CPU profile, the stages sharing the profiled machine.
+@dataclass(frozen=True)
+class MeasuredRun:
+    """The real engine on a calibration workload (`pipesplit profile --calibrate`): the split, its
+    capacity and settings, and each step's shape with every stage's compute seconds for it."""
 
-    Stages that compute at the same time slow each other down. Up to g = cores // threads stages
-    each have their own cores but share memory bandwidth and caches: the profiler measured a
-    layer's time while g - 1 others run (`corun_slowdown`, s), and a stage is stretched by
-    1 + (s - 1) * min(1, (k - 1) / (g - 1)) while k stages compute at once. Beyond g they also
-    share cores (processor sharing): max(1, k x threads / cores) more. k is taken as the mean
-    concurrency (the sum of the stages' busy fractions), found by fixed-point iteration from the
-    uncontended run; a split that leaves stages idle (6,24 or 20,5,5) then suffers less than an
-    even one.
-    """
-    factor = 1.0
-    result = simulate(spec, partition, capacity, ProfileCosts(profile, spec, factor), workload, config)
-    if profile.device != "cpu" or not (profile.meta or {}).get("cpu_count") or len(partition) == 1:
-        return result
-    for _ in range(iterations):
-        wanted = cpu_contention(profile, sum(result.stage_busy))
-        if abs(wanted - factor) < 0.01:
-            break
-        factor = (factor + wanted) / 2 if wanted < factor else wanted
-        result = simulate(spec, partition, capacity, ProfileCosts(profile, spec, factor), workload, config)
-    return result
+    partition: tuple[int, ...]
+    capacity: int
+    config: PipelineConfig
+    workload: Workload
+    steps: list[tuple[StepShape, list[float]]]
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"partition": list(self.partition), "max_total_num_tokens": self.capacity,
+                "config": asdict(self.config), "workload": asdict(self.workload), "seconds": self.seconds,
+                "steps": [[s.tokens, s.seqs, s.attention, s.context, s.samples, *t] for s, t in self.steps]}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "MeasuredRun":
+        pp = len(doc["partition"])
+        steps = [(StepShape(*map(int, row[:5])), list(row[5:5 + pp])) for row in doc["steps"]]
+        return cls(tuple(doc["partition"]), doc["max_total_num_tokens"], PipelineConfig(**doc["config"]),
+                   Workload.from_json(doc["workload"]), steps, doc["seconds"])
+
+
+def _simulated_run(spec: ModelSpec, profile: Profile, run: MeasuredRun, on_step: StepTrace) -> None:
+    """The run's workload through the simulator with `profile`, each step heard by `on_step`."""
+    simulate(spec, run.partition, run.capacity, ProfileCosts(profile, spec), run.workload, run.config, on_step=on_step)
+
+
+def calibration_scales(spec: ModelSpec, profile: Profile, run: MeasuredRun) -> tuple[float, float]:
+    """(prefill scale, decode scale): the engine's stage seconds in `run` against what the simulator
+    charges for the same workload with the profile's pieces alone (and its co-run slowdown).
+
+    The decode scale is the ratio of the sums over the decode-only steps. Over the steps with a
+    prefill chunk, the decode view of each step (`decode_view`) is charged at the decode scale and
+    the prefill scale makes up the rest: (measured - decode scale x simulated decode views) / the
+    simulated prefill additions. 1.0 for a kind without steps."""
+    pieces = replace(profile, prefill_scale=1.0, decode_scale=1.0)
+    costs = ProfileCosts(pieces, spec)
+    ranges, last = stage_ranges(run.partition), len(run.partition) - 1
+    measured = {True: 0.0, False: 0.0}
+    for shape, seconds in run.steps:
+        measured[has_prefill(shape)] += sum(seconds)
+    decode_simulated = view_simulated = added_simulated = 0.0
+
+    def charge(shape: StepShape, seconds: Sequence[float]) -> None:
+        nonlocal decode_simulated, view_simulated, added_simulated
+        for stage, ran in enumerate(seconds):  # each stage's stretched seconds, split as its pieces
+            view, added = costs.split_seconds(ranges[stage], stage == 0, stage == last, shape)
+            if added == 0.0:
+                decode_simulated += ran
+            else:
+                view_simulated += ran * view / (view + added)
+                added_simulated += ran * added / (view + added)
+
+    _simulated_run(spec, pieces, run, charge)
+    decode = measured[False] / decode_simulated if measured[False] > 0 and decode_simulated > 0 else 1.0
+    prefill = 1.0
+    if measured[True] > 0 and added_simulated > 0:
+        rest = measured[True] - decode * view_simulated
+        # a chunk's addition cannot take less than nothing: where the decode views alone overrun
+        # what was measured, the whole prefill steps' plain ratio stands
+        prefill = rest / added_simulated if rest > 0 else measured[True] / (view_simulated + added_simulated)
+    return prefill, decode
+
+
+def fit_corun_slowdown(spec: ModelSpec, profile: Profile, run: MeasuredRun, most: float = 4.0) -> float:
+    """The co-run slowdown at which the simulator charges the stages of `run` (stages that co-run on
+    their own cores) as many seconds as the engine measured, the profile's scales as they are;
+    by bisection in [1, most]."""
+    measured = sum(sum(seconds) for _, seconds in run.steps)
+
+    def charged(slowdown: float) -> float:
+        total = 0.0
+
+        def add(shape: StepShape, seconds: Sequence[float]) -> None:
+            nonlocal total
+            total += sum(seconds)
+
+        _simulated_run(spec, replace(profile, corun_slowdown=slowdown), run, add)
+        return total
+
+    low, high = 1.0, most
+    if charged(low) >= measured:
+        return low
+    if charged(high) <= measured:
+        return high
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        if charged(mid) < measured:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2

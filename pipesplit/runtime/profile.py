@@ -10,16 +10,17 @@ bytes (gloo or NCCL between two local processes), and on a CPU how much slower a
 stages in other processes compute on the other cores (`corun_slowdown`: they share the memory
 bandwidth and caches). Every measurement is a median of repeats.
 
-Then the real engine runs a short workload of its own with the same threads per stage, on a CPU
-as many stages as the cores hold (PP2 for one thread on two cores), with `--calibrate`:
-each stage's compute time of each step is set against what the simulator charges for it (the
-pieces, stretched by the co-running model at the run's measured concurrency), and the ratios of
-the sums, over the steps with a prefill chunk and over the decode-only ones, become the profile's
-prefill and decode scales. They carry what the pieces timed apart miss (a whole stage's caches and
-memory traffic beside the other stages, the allocator, the kernels the engine picks at start-up)
-into every split the simulator prices. It is off by default: in two runs of bench/simulator.py on
-a 2-core Zen 4 (2026-12-03; calibrated at PP1 in the first, as here in the second) it did not make
-the simulation more accurate than the pieces alone (the bench reports both).
+With `--calibrate` the real engine then runs a short workload of its own with the same threads
+per stage: first as one stage alone, whose steps set against what the simulator charges for the
+same workload give the profile's prefill and decode scales (over the steps with a prefill chunk,
+what the chunk adds beyond the step's decode view; over the decode-only steps, the whole step);
+then, on a CPU with room for more stages of those threads (PP2 for one thread on two cores), with
+that many stages, and the co-run slowdown becomes the one at which the simulator charges that
+run's stages what they measured (the microbenchmark's value is kept beside it). They carry what
+the pieces timed apart miss (a whole stage's caches and memory traffic beside the other stages,
+the allocator, the kernels the engine picks at start-up) into every split the simulator prices.
+It is off by default; bench/simulator.py profiles with it and reports the errors with and
+without the scales.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from pipesplit.errors import UserError
-from pipesplit.planner.partition import stage_ranges
 from pipesplit.planner.simulator import (
     Linear,
+    MeasuredRun,
+    PipelineConfig,
     Profile,
-    ProfileCosts,
     StepShape,
     Workload,
-    cpu_contention,
-    has_prefill,
+    calibration_scales,
+    fit_corun_slowdown,
     layer_kind,
     shape_of,
 )
@@ -378,34 +379,6 @@ def _corun_slowdown(model: str, dtype: str, threads: int, repeats: int) -> float
 CALIBRATION_REQUESTS, CALIBRATION_PROMPT, CALIBRATION_OUTPUT, CALIBRATION_SEED = 16, (48, 320), (24, 48), 7
 
 
-def step_scales(steps: Sequence[tuple[StepShape, Sequence[float]]],
-                predict: Callable[[int, StepShape], float]) -> tuple[float, float]:
-    """Measured over predicted seconds (`predict(stage, shape)`), each summed over every stage of
-    the steps with a prefill chunk and of the decode-only steps: (prefill scale, decode scale),
-    1.0 for a kind without steps."""
-    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}
-    for shape, seconds in steps:
-        kind = sums[has_prefill(shape)]
-        kind[0] += sum(seconds)
-        kind[1] += sum(predict(stage, shape) for stage in range(len(seconds)))
-    prefill, decode = (m / p if m > 0 and p > 0 else 1.0 for m, p in (sums[True], sums[False]))
-    return prefill, decode
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineRun:
-    """The calibration run: the split, each step's shape and stage compute seconds, the span."""
-
-    partition: tuple[int, ...]
-    steps: list[tuple[StepShape, list[float]]]
-    seconds: float
-
-    @property
-    def concurrency(self) -> float:
-        """Stages computing at once on average: their busy time over the span."""
-        return sum(sum(t) for _, t in self.steps) / self.seconds if self.seconds > 0 else 1.0
-
-
 def _calibration_workload(capacity: int, max_position: int) -> Workload:
     """The calibration requests, shortened where a small model's context or KV pool needs it."""
     room = min(capacity // CALIBRATION_REQUESTS, max_position) - 1  # tokens one request may hold
@@ -418,7 +391,7 @@ def _calibration_workload(capacity: int, max_position: int) -> Workload:
                     seed=CALIBRATION_SEED)
 
 
-def _engine_run(model: str, device: str, dtype: str, threads: int, pp: int) -> EngineRun:
+def _engine_run(model: str, device: str, dtype: str, threads: int, pp: int) -> MeasuredRun:
     """The real engine, `pp` stages of `threads` threads, on the calibration workload (after a
     warm-up): each step's shape and every stage's compute seconds for it."""
     from pipesplit.runtime.engine import LLM
@@ -426,17 +399,20 @@ def _engine_run(model: str, device: str, dtype: str, threads: int, pp: int) -> E
     llm = LLM(model, pp=pp, dtype=dtype, device=device, threads=threads, log=False)
     try:
         llm.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4, ignore_eos=True))
-        draws = _calibration_workload(llm.max_total_num_tokens, llm.spec.max_position_embeddings).draw(
-            llm.spec.vocab_size)
+        workload = _calibration_workload(llm.max_total_num_tokens, llm.spec.max_position_embeddings)
+        draws = workload.draw(llm.spec.vocab_size)
         steps: list[tuple[StepShape, list[float]]] = []
         llm.engine.on_step = lambda batch, seconds: steps.append((shape_of(batch), seconds))
         started = time.perf_counter()
         llm.generate([prompt for _, prompt, _ in draws],
                      [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, _, n in draws])
         elapsed = time.perf_counter() - started
+        s = llm.engine.scheduler_config
+        config = PipelineConfig(s.micro_batches, s.max_batch_tokens, s.max_running_requests,
+                                s.chunked_prefill_size, s.prefix_caching)
     finally:
         llm.close()
-    return EngineRun(tuple(llm.plan.partition), steps, elapsed)
+    return MeasuredRun(tuple(llm.plan.partition), llm.max_total_num_tokens, config, workload, steps, elapsed)
 
 
 def _linear_fit_1d(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -481,11 +457,16 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         log("profiling a layer beside co-running stages")
         corun = _corun_slowdown(model, dtype, threads, repeats)
 
-    run = None
-    if calibrate:  # on a CPU, as many stages as `threads` leaves room for, so that they co-run
-        pp = max(1, (os.cpu_count() or 1) // threads) if device == "cpu" else 1
-        log(f"calibrating against the engine at PP{pp}")
-        run = _engine_run(model, device, dtype, threads, pp)
+    alone = together = None
+    if calibrate:
+        # PP1 prices the pieces; on a CPU with room for more stages of `threads` threads, a run
+        # with that many stages prices their co-running
+        groups = min(max(1, (os.cpu_count() or 1) // threads), spec.num_layers) if device == "cpu" else 1
+        log("calibrating against the engine at PP1")
+        alone = _engine_run(model, device, dtype, threads, 1)
+        if groups > 1:
+            log(f"calibrating co-running stages against the engine at PP{groups}")
+            together = _engine_run(model, device, dtype, threads, groups)
         torch.set_num_threads(threads)
 
     layer_features = ("base", "per_token", "per_seq", "per_attention", "per_context")
@@ -516,19 +497,16 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         meta={"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "repeats": repeats, "layers_per_stack": stacks, "measurements": raw},
     )
-    if run is None:
+    if alone is None:
         return pieces
-    # what the simulator charges each step of that run: the pieces, stretched on a CPU as its
-    # co-running model does at the run's own concurrency
-    charged = ProfileCosts(pieces, spec, cpu_contention(pieces, run.concurrency) if len(run.partition) > 1 else 1.0)
-    ranges, last = stage_ranges(run.partition), len(run.partition) - 1
-    prefill, decode = step_scales(run.steps, lambda stage, shape: charged.stage_seconds(
-        stage, ranges[stage], stage == 0, stage == last, shape))
-    raw["calibration"] = {"partition": list(run.partition), "seconds": run.seconds, "concurrency": run.concurrency,
-                          "contention": charged.contention,
-                          "steps": [[*_as_list(shape), *t] for shape, t in run.steps]}
-    return dataclasses.replace(pieces, prefill_scale=prefill, decode_scale=decode,
-                               meta={**pieces.meta, "seconds": round(time.perf_counter() - started, 1)})
+    # the engine's steps over what the simulator charges for the same workload with the pieces
+    prefill, decode = calibration_scales(spec, pieces, alone)
+    calibrated = dataclasses.replace(pieces, prefill_scale=prefill, decode_scale=decode)
+    raw["calibration"] = alone.to_json()
+    if together is not None:
+        calibrated = dataclasses.replace(calibrated, corun_slowdown=fit_corun_slowdown(spec, calibrated, together))
+        raw["corun_calibration"] = {**together.to_json(), "microbenchmark_slowdown": corun}
+    return dataclasses.replace(calibrated, meta={**pieces.meta, "seconds": round(time.perf_counter() - started, 1)})
 
 
 def _as_list(shape: StepShape) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -17,12 +18,16 @@ from pipesplit.planner.objectives import compositions, num_compositions, score, 
 from pipesplit.planner.plan import Plan, StagePlan
 from pipesplit.planner.simulator import (
     Linear,
+    MeasuredRun,
     PipelineConfig,
     Profile,
     ProfileCosts,
     RooflineCosts,
     StepShape,
     Workload,
+    calibration_scales,
+    fit_corun_slowdown,
+    has_prefill,
     parse_range,
     percentile,
     simulate,
@@ -52,6 +57,9 @@ class ConstantCosts:
 
     def activation_bytes(self, shape):
         return shape.tokens
+
+    def slowdown(self, computing):
+        return 1.0
 
 
 def test_one_request_one_token_takes_every_hop_once():
@@ -171,24 +179,61 @@ def test_profile_costs_sum_the_fitted_pieces_and_round_trip_json(tmp_path):
         ProfileCosts(profile, load_spec("qwen3-30b-a3b"))
 
 
-def test_calibration_scales_stretch_prefill_and_decode_steps_apart():
+def _tiny_profile(**changes) -> Profile:
     pieces = Profile("tiny", "cpu", "float32", 1, SMOL.hidden_size, 4, {"dense": Linear(base=1e-3, per_token=1e-5)},
                      embedding=Linear(base=1e-4), head=Linear(base=2e-3, per_sample=1e-4),
                      stage_step=Linear(base=5e-5), schedule=Linear(base=3e-5), transfer_latency=1e-4,
-                     transfer_per_byte=1e-9)
+                     transfer_per_byte=1e-9, meta={"cpu_count": 2})
+    return dataclasses.replace(pieces, **changes)
+
+
+def test_calibration_scales_stretch_a_steps_decode_view_and_its_prefill_chunk_apart():
+    pieces = _tiny_profile()
     doc = {**pieces.to_json(), "prefill_scale": 1.5, "decode_scale": 0.8}
     calibrated = Profile.from_json(json.loads(json.dumps(doc)))
     prefill = StepShape(tokens=300, seqs=3, attention=5000, context=300, samples=3)
     mixed = StepShape(tokens=40, seqs=9, attention=900, context=600, samples=9)  # 8 decodes and a chunk
     decode = StepShape(tokens=8, seqs=8, attention=800, context=800, samples=8)
-    for shape, scale in ((prefill, 1.5), (mixed, 1.5), (decode, 0.8)):
-        plain, stretched = (ProfileCosts(p, SMOL).stage_seconds(1, (0, 30), False, True, shape) for p in (pieces, calibrated))
-        assert stretched == pytest.approx(scale * plain)
+    for shape in (prefill, mixed, decode):
+        # stage 1 holds all 30 layers and the head: by hand, the step as if each sequence decoded
+        # one token, and the 1e-5 per layer and token that the chunk's other tokens add
+        view = 5e-5 + 30 * (1e-3 + 1e-5 * shape.seqs) + 2e-3 + 1e-4 * shape.samples
+        added = 30 * 1e-5 * (shape.tokens - shape.seqs)
+        assert ProfileCosts(pieces, SMOL).stage_seconds(1, (0, 30), False, True, shape) == pytest.approx(view + added)
+        got = ProfileCosts(calibrated, SMOL).stage_seconds(1, (0, 30), False, True, shape)
+        assert got == pytest.approx(0.8 * view + 1.5 * added)
     assert ProfileCosts(calibrated, SMOL).schedule_seconds(decode) == ProfileCosts(pieces, SMOL).schedule_seconds(decode)
     old = {k: v for k, v in pieces.to_json().items() if not k.endswith("_scale")}  # written before calibration
     assert Profile.from_json(old).prefill_scale == Profile.from_json(old).decode_scale == 1.0
     with pytest.raises(UserError, match="decode_scale"):
         Profile.from_json({**doc, "decode_scale": 0})
+
+
+def _engine_like_run(profile: Profile, partition, workload: Workload) -> MeasuredRun:
+    """What an engine whose steps cost exactly what `profile` charges would have measured."""
+    steps = []
+    simulate(SMOL, partition, 100_000, ProfileCosts(profile, SMOL), workload, PipelineConfig(),
+             on_step=lambda shape, seconds: steps.append((shape, list(seconds))))
+    return MeasuredRun(tuple(partition), 100_000, PipelineConfig(), workload, steps, 0.0)
+
+
+def test_calibration_recovers_the_scales_and_the_co_run_slowdown_an_engine_ran_at():
+    workload = Workload(16, (48, 320), (24, 48), seed=7)
+    truth = _tiny_profile(prefill_scale=1.6, decode_scale=0.9, corun_slowdown=1.3)
+    alone = _engine_like_run(truth, (30,), workload)
+    assert any(has_prefill(s) for s, _ in alone.steps) and any(not has_prefill(s) for s, _ in alone.steps)
+    assert MeasuredRun.from_json(json.loads(json.dumps(alone.to_json()))) == alone
+    pieces = _tiny_profile()
+    assert calibration_scales(SMOL, pieces, alone) == pytest.approx((1.6, 0.9))
+    calibrated = _tiny_profile(prefill_scale=1.6, decode_scale=0.9)
+    together = _engine_like_run(truth, (15, 15), workload)  # two stages, one core each: they co-run
+    assert fit_corun_slowdown(SMOL, calibrated, together) == pytest.approx(1.3, abs=0.01)
+    assert fit_corun_slowdown(SMOL, truth, _engine_like_run(_tiny_profile(prefill_scale=1.6, decode_scale=0.9,
+                                                                              corun_slowdown=1.0), (15, 15),
+                                                            workload)) == 1.0  # no slower than alone
+    empty = MeasuredRun((30,), 100_000, PipelineConfig(), workload, [], 0.0)
+    assert calibration_scales(SMOL, pieces, dataclasses.replace(empty, workload=Workload(1, (4, 4), (1, 1)))) \
+        == (1.0, 1.0)  # nothing measured: the pieces stand
 
 
 # -- objectives ----------------------------------------------------------------------------------------------------
@@ -339,8 +384,6 @@ def test_pipelined_chunks_are_a_flow_shop():
     heavy_last = chunk_pipeline_ttft(spec, (7, 7, 9, 9), growing, 65536, 4096)
     assert heavy_last < heavy_first
     # equal chunks and no per-step work on rank 0: the order no longer matters (up to the head, last)
-    import dataclasses
-
     from pipesplit.planner.simulator import Efficiency
 
     ideal = dataclasses.replace(growing, efficiency=Efficiency(step_overhead_s=0.0))
@@ -348,39 +391,56 @@ def test_pipelined_chunks_are_a_flow_shop():
     assert flat[0] == pytest.approx(flat[1], rel=0.005)
 
 
-def test_cpu_stages_sharing_cores_compute_slower():
-    from pipesplit.planner.simulator import simulate_on_cpu
+@dataclass(frozen=True)
+class SharedCore(ConstantCosts):
+    """ConstantCosts on one core: k stages computing at once each go k times slower."""
 
-    def profile(cores):
-        return Profile("m", "cpu", "float32", 1, 8, 4, {"dense": Linear(base=1e-3)}, Linear(), Linear(), Linear(),
-                       Linear(), 0.0, 0.0, meta={"cpu_count": cores})
-
-    w = Workload(12, (8, 8), (30, 30))
-    alone = simulate(SMOL, (10, 10, 10), 10_000, ProfileCosts(profile(16), SMOL), w)
-    assert simulate_on_cpu(SMOL, (10, 10, 10), 10_000, profile(16), w) == alone  # enough cores: no sharing
-    shared = simulate_on_cpu(SMOL, (10, 10, 10), 10_000, profile(1), w)
-    # three busy stages on one core: each computes ~sum(busy) times slower
-    assert shared.output_tokens_per_s < alone.output_tokens_per_s / 2
-    assert ProfileCosts(profile(2), SMOL, 1.5).stage_seconds(1, (0, 2), False, False, StepShape(1, 1, 1, 1, 0)) \
-        == pytest.approx(3e-3)
+    def slowdown(self, computing):
+        return float(computing)
 
 
-def test_co_running_cpu_stages_slow_each_other_by_the_measured_factor():
+def test_stages_computing_at_once_share_the_machine_moment_by_moment():
+    # two one-chunk requests, a micro-batch each; every stage step 10 ms alone, no hand-off cost
+    costs = SharedCore(stage=0.010, hop=0.0, schedule=0.0)
+    config = PipelineConfig(max_batch_tokens=8, chunked_prefill_size=8)
+    r = simulate(SMOL, (15, 15), 10_000, costs, Workload(2, (8, 8), (1, 1)), config)
+    # stage 0 runs batch 1 alone (0-10 ms); then batch 2 on stage 0 and batch 1 on stage 1 at
+    # half speed each (10-30 ms); batch 2 alone on stage 1 (30-40 ms)
+    assert r.steps == 2 and r.makespan == pytest.approx(0.040)
+    assert r.ttft_p50 == pytest.approx((0.030 + 0.040) / 2)
+    assert r.stage_busy == pytest.approx((0.030 / 0.040, 0.030 / 0.040))
+    alone = simulate(SMOL, (15, 15), 10_000, ConstantCosts(stage=0.010, hop=0.0, schedule=0.0),
+                     Workload(2, (8, 8), (1, 1)), config)
+    assert alone.makespan == pytest.approx(0.030)  # without sharing: 0-10, 10-20, 20-30 ms
+
+
+def test_cpu_contention_is_the_co_run_slowdown_then_processor_sharing():
+    def profile(cores, threads=1, corun=1.5):
+        return Profile("m", "cpu", "float32", threads, 8, 4, {"dense": Linear(base=1e-3)}, Linear(), Linear(), Linear(),
+                       Linear(), 0.0, 0.0, corun_slowdown=corun, meta={"cpu_count": cores})
+
+    two = ProfileCosts(profile(2), SMOL)
+    assert [two.slowdown(k) for k in (0, 1, 2, 3, 4)] == pytest.approx([1.0, 1.0, 1.5, 1.5 * 1.5, 1.5 * 2])
+    wide = ProfileCosts(profile(16), SMOL)  # 16 one-core groups: 3 stages share a little bandwidth, no cores
+    assert wide.slowdown(3) == pytest.approx(1 + 0.5 * 2 / 15)
+    one_group = ProfileCosts(profile(2, threads=2), SMOL)  # a stage takes both cores: two take turns
+    assert one_group.slowdown(2) == pytest.approx(1.5 * 2)
+    gpu = dataclasses.replace(profile(2), device="cuda")
+    assert ProfileCosts(gpu, SMOL).slowdown(3) == 1.0
+    assert RooflineCosts(SMOL, (find_gpu("H100"),) * 2).slowdown(2) == 1.0
+
+
+def test_co_running_cpu_stages_slow_each_other_when_both_compute():
     """Two stages with a core each share memory bandwidth: the profile's corun_slowdown stretches
-    their compute by up to that factor, by how often both compute at once."""
-    import dataclasses
-
-    from pipesplit.planner.simulator import simulate_on_cpu
-
+    their compute while both compute at once, and only then."""
     base = Profile("m", "cpu", "float32", 1, 8, 4, {"dense": Linear(base=1e-3)}, Linear(), Linear(), Linear(),
                    Linear(), 0.0, 0.0, meta={"cpu_count": 2})
     w = Workload(24, (8, 8), (30, 30))
-    alone = simulate_on_cpu(SMOL, (15, 15), 10_000, base, w)
-    assert alone == simulate(SMOL, (15, 15), 10_000, ProfileCosts(base, SMOL), w)  # no slowdown measured
-    slowed = simulate_on_cpu(SMOL, (15, 15), 10_000, dataclasses.replace(base, corun_slowdown=1.5), w)
+    alone = simulate(SMOL, (15, 15), 10_000, ProfileCosts(base, SMOL), w)
+    slowed = simulate(SMOL, (15, 15), 10_000, ProfileCosts(dataclasses.replace(base, corun_slowdown=1.5), SMOL), w)
     ratio = alone.output_tokens_per_s / slowed.output_tokens_per_s
-    assert 1.1 < ratio <= 1.5 + 1e-9  # both stages are busy most of the time, never more than measured
+    assert 1.3 < ratio <= 1.5 + 1e-9  # both stages are busy most of the time, never more than measured
     # one stage does nearly everything: the other rarely competes with it
-    skewed_alone = simulate_on_cpu(SMOL, (29, 1), 10_000, base, w)
-    skewed = simulate_on_cpu(SMOL, (29, 1), 10_000, dataclasses.replace(base, corun_slowdown=1.5), w)
+    skewed_alone = simulate(SMOL, (29, 1), 10_000, ProfileCosts(base, SMOL), w)
+    skewed = simulate(SMOL, (29, 1), 10_000, ProfileCosts(dataclasses.replace(base, corun_slowdown=1.5), SMOL), w)
     assert skewed_alone.output_tokens_per_s / skewed.output_tokens_per_s < ratio

@@ -4,12 +4,13 @@ has every layer kind the model has and loads into the simulator."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 
 from pipesplit.cli import main
-from pipesplit.planner.simulator import Linear, ProfileCosts, StepShape, load_profile
+from pipesplit.planner.simulator import Linear, MeasuredRun, ProfileCosts, StepShape, load_profile
 from pipesplit.planner.spec import load_spec
 from pipesplit.runtime import profile as profiler
 
@@ -30,21 +31,6 @@ def test_fit_never_returns_a_negative_coefficient():
     shapes = [StepShape(t, 1, 0, 0, 0) for t in (1, 2, 4, 8)]
     got = profiler.fit(shapes, [4e-3, 3e-3, 2e-3, 1e-3], ("base", "per_token"))  # time falls with tokens
     assert got.per_token == 0 and got.base > 0
-
-
-def test_step_scales_are_measured_over_predicted_per_step_kind():
-    piece = Linear(base=1e-3, per_token=1e-5)
-    predict = lambda stage, shape: (stage + 1) * piece(shape)  # noqa: E731 -- stage 1 holds twice the layers
-    rng = random.Random(1)
-    prefills = [StepShape(t, s, t * 4, t, s) for t, s in ((rng.randint(20, 900), rng.randint(1, 8)) for _ in range(5))]
-    decodes = [StepShape(n, n, n * 50, n * 50, n) for n in range(1, 30, 3)]
-    measured = lambda shape, scale: [scale * predict(stage, shape) for stage in (0, 1)]  # noqa: E731
-    steps = [(shape, measured(shape, 1.6)) for shape in prefills] + [(shape, measured(shape, 0.9)) for shape in decodes]
-    rng.shuffle(steps)
-    assert profiler.step_scales(steps, predict) == pytest.approx((1.6, 0.9))
-    assert profiler.step_scales(steps[:0], predict) == (1.0, 1.0)  # nothing measured: the pieces stand
-    alone = [(shape, [2 * predict(0, shape)]) for shape in decodes]  # PP1: one stage's times
-    assert profiler.step_scales(alone, predict) == pytest.approx((1.0, 2.0))
 
 
 def test_the_calibration_workload_fits_a_small_model():
@@ -82,12 +68,18 @@ def test_profile_command_measures_every_layer_kind(tiny_checkpoints, tiny_moe_ch
     costs = ProfileCosts(profile, load_spec(str(folder)))
     shape = StepShape(8, 8, 100, 100, 8)
     assert costs.stage_seconds(0, (0, 1), True, False, shape) > 0
-    calibration = raw["calibration"]  # the engine's own steps, both kinds, every stage timed
-    steps = [StepShape(*row[:5]) for row in calibration["steps"]]
-    assert any(s.tokens > s.seqs for s in steps) and any(s.tokens == s.seqs for s in steps)
-    stages = len(calibration["partition"])
-    assert all(len(row) == 5 + stages and min(row[5:]) > 0 for row in calibration["steps"])
-    assert calibration["concurrency"] > 0 and calibration["contention"] >= 1.0
+    # the engine's own steps, both kinds, every stage timed: alone (PP1), then as many one-thread
+    # stages as the cores hold
+    groups = min(os.cpu_count() or 1, load_spec(str(folder)).num_layers)
+    runs = (("calibration", 1), ("corun_calibration", groups)) if groups > 1 else (("calibration", 1),)
+    for key, stages in runs:
+        run = MeasuredRun.from_json(raw[key])
+        assert len(run.partition) == stages and run.capacity > 0
+        assert any(s.tokens > s.seqs for s, _ in run.steps) and any(s.tokens == s.seqs for s, _ in run.steps)
+        assert all(len(seconds) == stages and min(seconds) > 0 for _, seconds in run.steps)
+    assert ("corun_calibration" in raw) == (groups > 1)
+    if groups > 1:
+        assert raw["corun_calibration"]["microbenchmark_slowdown"] >= 1.0
     assert profile.prefill_scale > 0 and profile.decode_scale > 0
     assert profile.prefill_scale != 1.0 and profile.decode_scale != 1.0  # measured, not the default
 
