@@ -46,8 +46,7 @@ from pipesplit.planner.simulator import (  # noqa: E402
     RequestTimes,
     SimResult,
     Workload,
-    calibration_scales,
-    fit_corun_slowdown,
+    calibrated,
     simulate,
     summarize,
 )
@@ -220,13 +219,9 @@ def recalibrated(profile: Profile, spec, capacities: dict[tuple[int, ...], int])
         capacity = capacities.get(partition) or max(capacities.values())
         workload = profiler._calibration_workload(capacity, spec.max_position_embeddings)
         calib = {**calib, "max_total_num_tokens": capacity, "config": {}, "workload": dataclasses.asdict(workload)}
-    pieces = pieces_only(profile)
-    prefill, decode = calibration_scales(spec, pieces, MeasuredRun.from_json(calib))
-    calibrated = dataclasses.replace(pieces, prefill_scale=prefill, decode_scale=decode)
-    if "corun_calibration" in measurements:
-        together = MeasuredRun.from_json(measurements["corun_calibration"])
-        calibrated = dataclasses.replace(calibrated, corun_slowdown=fit_corun_slowdown(spec, calibrated, together))
-    return calibrated
+    together = measurements.get("corun_calibration")
+    return calibrated(spec, pieces_only(profile), MeasuredRun.from_json(calib),
+                      MeasuredRun.from_json(together) if together else None)
 
 
 def resimulate(path: str) -> int:
@@ -303,12 +298,7 @@ def main() -> int:
             try:
                 llm.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
                 capacities[pp, partition] = capacity = llm.max_total_num_tokens
-                configs[pp, partition] = PipelineConfig(
-                    micro_batches=llm.engine.scheduler_config.micro_batches,
-                    max_batch_tokens=llm.engine.scheduler_config.max_batch_tokens,
-                    max_running_requests=llm.engine.scheduler_config.max_running_requests,
-                    chunked_prefill_size=llm.engine.scheduler_config.chunked_prefill_size,
-                    prefix_caching=llm.engine.scheduler_config.prefix_caching)
+                configs[pp, partition] = PipelineConfig.of(llm.engine.scheduler_config)
                 for name, workload in loads.items():
                     times, start, end = run_real(llm, workload)
                     run = summarize(partition, capacity, times, start, end, [0.0] * pp, 0, 0)

@@ -105,6 +105,10 @@ class StepShape:
     context: int
     samples: int
 
+    def as_list(self) -> list[int]:
+        """The shape as a JSON row (the fields in order)."""
+        return [self.tokens, self.seqs, self.attention, self.context, self.samples]
+
 
 def has_prefill(shape: StepShape) -> bool:
     """Whether the step computes a prefill chunk (some sequence brings more than one new token)."""
@@ -516,6 +520,12 @@ class PipelineConfig:
             if value is not None and value < 1:
                 raise UserError(f"{flag} is {value}; give at least 1")
 
+    @classmethod
+    def of(cls, config: SchedulerConfig) -> "PipelineConfig":
+        """The settings an engine ran with."""
+        return cls(config.micro_batches, config.max_batch_tokens, config.max_running_requests,
+                   config.chunked_prefill_size, config.prefix_caching)
+
     def scheduler_config(self, num_stages: int) -> SchedulerConfig:
         micro_batches = num_stages if self.micro_batches is None else self.micro_batches
         return SchedulerConfig(micro_batches, self.max_batch_tokens, self.max_running_requests,
@@ -739,7 +749,7 @@ class MeasuredRun:
     def to_json(self) -> dict:
         return {"partition": list(self.partition), "max_total_num_tokens": self.capacity,
                 "config": asdict(self.config), "workload": asdict(self.workload), "seconds": self.seconds,
-                "steps": [[s.tokens, s.seqs, s.attention, s.context, s.samples, *t] for s, t in self.steps]}
+                "steps": [[*shape.as_list(), *t] for shape, t in self.steps]}
 
     @classmethod
     def from_json(cls, doc: dict) -> "MeasuredRun":
@@ -789,6 +799,16 @@ def calibration_scales(spec: ModelSpec, profile: Profile, run: MeasuredRun) -> t
         # what was measured, the whole prefill steps' plain ratio stands
         prefill = rest / added_simulated if rest > 0 else measured[True] / (view_simulated + added_simulated)
     return prefill, decode
+
+
+def calibrated(spec: ModelSpec, pieces: Profile, alone: MeasuredRun, together: MeasuredRun | None = None) -> Profile:
+    """`pieces` with the scales fitted on `alone` (one stage) and, where given, the co-run slowdown
+    fitted on `together` (stages co-running) with those scales."""
+    prefill, decode = calibration_scales(spec, pieces, alone)
+    profile = replace(pieces, prefill_scale=prefill, decode_scale=decode)
+    if together is not None:
+        profile = replace(profile, corun_slowdown=fit_corun_slowdown(spec, profile, together))
+    return profile
 
 
 def fit_corun_slowdown(spec: ModelSpec, profile: Profile, run: MeasuredRun, most: float = 4.0) -> float:

@@ -44,8 +44,7 @@ from pipesplit.planner.simulator import (
     Profile,
     StepShape,
     Workload,
-    calibration_scales,
-    fit_corun_slowdown,
+    calibrated,
     layer_kind,
     shape_of,
 )
@@ -407,9 +406,7 @@ def _engine_run(model: str, device: str, dtype: str, threads: int, pp: int) -> M
         llm.generate([prompt for _, prompt, _ in draws],
                      [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, _, n in draws])
         elapsed = time.perf_counter() - started
-        s = llm.engine.scheduler_config
-        config = PipelineConfig(s.micro_batches, s.max_batch_tokens, s.max_running_requests,
-                                s.chunked_prefill_size, s.prefix_caching)
+        config = PipelineConfig.of(llm.engine.scheduler_config)
     finally:
         llm.close()
     return MeasuredRun(tuple(llm.plan.partition), llm.max_total_num_tokens, config, workload, steps, elapsed)
@@ -471,11 +468,11 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
 
     layer_features = ("base", "per_token", "per_seq", "per_attention", "per_context")
     raw = {
-        "layers": {k: [[*_as_list(s), t] for s, t in zip(*v)] for k, v in layer_data.items()},
-        "embedding": [[*_as_list(s), t] for s, t in zip(shapes, emb)],
-        "head": [[*_as_list(s), t] for s, t in zip(shapes, head)],
-        "stage_step": [[*_as_list(s), t] for s, t in zip(st_shapes, st_seconds)],
-        "schedule": [[*_as_list(s), t] for s, t in zip(sc_shapes, sc_seconds)],
+        "layers": {k: [[*s.as_list(), t] for s, t in zip(*v)] for k, v in layer_data.items()},
+        "embedding": [[*s.as_list(), t] for s, t in zip(shapes, emb)],
+        "head": [[*s.as_list(), t] for s, t in zip(shapes, head)],
+        "stage_step": [[*s.as_list(), t] for s, t in zip(st_shapes, st_seconds)],
+        "schedule": [[*s.as_list(), t] for s, t in zip(sc_shapes, sc_seconds)],
         "transfer": [[n, t] for n, t in zip(TRANSFER_BYTES, transfer)],
         "columns": ["tokens", "seqs", "attention", "context", "samples", "seconds"],
     }
@@ -500,17 +497,12 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
     if alone is None:
         return pieces
     # the engine's steps over what the simulator charges for the same workload with the pieces
-    prefill, decode = calibration_scales(spec, pieces, alone)
-    calibrated = dataclasses.replace(pieces, prefill_scale=prefill, decode_scale=decode)
     raw["calibration"] = alone.to_json()
     if together is not None:
-        calibrated = dataclasses.replace(calibrated, corun_slowdown=fit_corun_slowdown(spec, calibrated, together))
         raw["corun_calibration"] = {**together.to_json(), "microbenchmark_slowdown": corun}
-    return dataclasses.replace(calibrated, meta={**pieces.meta, "seconds": round(time.perf_counter() - started, 1)})
+    return dataclasses.replace(calibrated(spec, pieces, alone, together),
+                               meta={**pieces.meta, "seconds": round(time.perf_counter() - started, 1)})
 
-
-def _as_list(shape: StepShape) -> list[int]:
-    return [shape.tokens, shape.seqs, shape.attention, shape.context, shape.samples]
 
 
 def profile_command(args) -> int:
