@@ -5,7 +5,7 @@
    on this machine, once per thread count the runs use (the engine gives each stage cores // pp
    threads);
 2. for each split, the real engine (`pipesplit.LLM`) runs each workload: all requests at once, and
-   Poisson arrivals; every request produces exactly its output length (EOS ignored); `--rounds`
+   Poisson arrivals at a rate every split sustains (`LOAD`); every request produces exactly its output length (EOS ignored); `--rounds`
    times (default 2: the splits in order, then in reverse), the rounds' mean counting;
 3. `planner.simulator.simulate` runs the same requests (same token ids, same arrival times) with
    the profile, and the errors of output throughput and TTFT p50 are reported, with whether the
@@ -57,12 +57,33 @@ SPLITS = {2: [(15, 15), (6, 24), (24, 6), (10, 20)], 3: [(10, 10, 10), (4, 13, 1
 QUICK_SPLITS = {2: [(6, 24), (24, 6)]}
 
 
-def workloads(quick: bool) -> dict[str, Workload]:
+# Poisson arrivals at a rate every split sustains: LOAD x the request rate of the slowest split
+# running the all-at-once requests, as the profile simulates it. Until 2026-12-07 the rate was a
+# fixed 4 requests/s, which on 2-core float32 machines (1.1-1.7 requests/s) was an overload: a
+# queue that grew for the whole run, whose TTFT amplified every small error of a step's cost
+# (on a Zen 3 that day, a 12% higher prefill scale moved one split's TTFT p50 by 37%).
+LOAD = 0.8
+
+
+def workloads(quick: bool, rate: float | None = None) -> dict[str, Workload]:
+    """The two workloads; the Poisson one at `rate` requests/s (None: the all-at-once one alone)."""
     n = 8 if quick else 20
-    return {
-        "all-at-once": Workload(n, (32, 128), (16, 32), None, seed=1),
-        "poisson": Workload(n, (32, 128), (16, 32), 3.0 if quick else 4.0, seed=2),
-    }
+    loads = {"all-at-once": Workload(n, (32, 128), (16, 32), None, seed=1)}
+    if rate is not None:
+        loads["poisson"] = Workload(n, (32, 128), (16, 32), rate, seed=2)
+    return loads
+
+
+def sustained_rate(splits: dict, profiles: dict, cores: int, burst: Workload) -> float:
+    """LOAD x the slowest split's simulated request rate on `burst` (all requests at once)."""
+    spec = resolve_model("smollm2").spec
+    rates = []
+    for pp, parts in splits.items():
+        costs = ProfileCosts(profiles[max(1, cores // pp)], spec)
+        for partition in parts:
+            run = simulate(spec, partition, spec.max_position_embeddings * burst.requests, costs, burst)
+            rates.append(burst.requests / run.makespan)
+    return round(LOAD * min(rates), 2)
 
 
 def run_real(llm: LLM, workload: Workload) -> tuple[list[RequestTimes], float, float]:
@@ -266,6 +287,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", help="engine and profile dtype")
     ap.add_argument("--repeats", type=int, default=5, help="profile repeats")
     ap.add_argument("--rounds", type=int, default=2, help="measured runs of each split and workload (their mean counts)")
+    ap.add_argument("--poisson-rate", type=float, help=f"requests/s (default: {LOAD} x the slowest split's "
+                    "simulated all-at-once rate; 4.0 until 2026-12-07)")
     ap.add_argument("--out", default="bench/results/simulator.json")
     ap.add_argument("--resimulate", metavar="FILE", help="recompute the simulated side of FILE, measure nothing")
     args = ap.parse_args()
@@ -273,7 +296,6 @@ def main() -> int:
         return resimulate(args.resimulate)
     started = time.perf_counter()
     splits = QUICK_SPLITS if args.quick else SPLITS
-    loads = workloads(args.quick)
     cores = os.cpu_count() or 1
 
     profiles = {}
@@ -283,6 +305,9 @@ def main() -> int:
             print(f"profiling smollm2 with {threads} thread(s)", file=sys.stderr, flush=True)
             profiles[threads] = profile_model("smollm2", "cpu", args.dtype, threads, args.repeats, calibrate=True)
     profile_seconds = time.perf_counter() - started
+    rate = args.poisson_rate or sustained_rate(splits, profiles, cores, workloads(args.quick)["all-at-once"])
+    loads = workloads(args.quick, rate)
+    print(f"Poisson arrivals at {rate} requests/s", file=sys.stderr, flush=True)
     reference = reference_seconds(args.dtype)
 
     # Each split's engine runs the workloads once per round; rounds go over the splits forwards,

@@ -224,14 +224,24 @@ def _native_rows(batch: AttentionBatch) -> tuple[_KernelRows | None, _KernelRows
     return _kernel_rows(batch, decodes, len(decodes) == len(batch.query_lens)), _kernel_rows(batch, prefills)
 
 
+def _lower_right_causal(n: int, c: int, device: torch.device):
+    """The mask of n queries that are the last of c positions, each attending itself and every
+    earlier position. On the CPU the boolean mask torch's `causal_lower_right` materialises there
+    too; building it here spares importing that module, which imports torch._dynamo (about 3 s of
+    every stage's start-up). On CUDA the bias object, which reaches the flash kernel."""
+    if device.type == "cpu":
+        return torch.ones(n, c, dtype=torch.bool).tril(c - n)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(n, c)
+
+
 def _sdpa_prefill(q: torch.Tensor, new_kv: tuple[torch.Tensor, torch.Tensor], k_pool: torch.Tensor,
                   v_pool: torch.Tensor, batch: AttentionBatch, out: torch.Tensor, scale: float) -> None:
     """Each prefill chunk (query_len > 1) by torch's SDPA (its CPU flash kernel), written into out
     [T, heads, v_dim]: a chunk whose context is all new (no cached prefix, no earlier chunk) over
     the new K/V with a causal flag, no pool read; one after earlier context over its context
     gathered from the pools, its queries the context's last (a lower-right causal mask)."""
-    from torch.nn.attention.bias import causal_lower_right
-
     k_new, v_new = new_kv
     starts = _running_sums(batch.query_lens)
     for i, (n, c) in enumerate(zip(batch.query_lens, batch.context_lens)):
@@ -243,7 +253,7 @@ def _sdpa_prefill(q: torch.Tensor, new_kv: tuple[torch.Tensor, torch.Tensor], k_
         else:
             slots = batch.context_slots[i].to(dtype=torch.long)
             keys, values = k_pool.index_select(0, slots), v_pool.index_select(0, slots)
-            mask, causal = causal_lower_right(n, c), False
+            mask, causal = _lower_right_causal(n, c, q.device), False
         o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                            values.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
                                            scale=scale, enable_gqa=True)
