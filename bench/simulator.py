@@ -5,8 +5,9 @@
    on this machine, once per thread count the runs use (the engine gives each stage cores // pp
    threads);
 2. for each split, the real engine (`pipesplit.LLM`) runs each workload: all requests at once, and
-   Poisson arrivals at a rate every split sustains (`LOAD`); every request produces exactly its output length (EOS ignored); `--rounds`
-   times (default 2: the splits in order, then in reverse), the rounds' mean counting;
+   Poisson arrivals at a rate every split sustains (`LOAD`); every request produces exactly its
+   output length (EOS ignored); `--rounds` times (default 2: the splits in order, then in
+   reverse), the rounds' mean counting;
 3. `planner.simulator.simulate` runs the same requests (same token ids, same arrival times) with
    the profile, and the errors of output throughput and TTFT p50 are reported, with whether the
    simulator orders the splits (by throughput and TTFT, per PP and workload) as the measurements
@@ -81,7 +82,9 @@ def sustained_rate(splits: dict, profiles: dict, cores: int, burst: Workload) ->
     for pp, parts in splits.items():
         costs = ProfileCosts(profiles[max(1, cores // pp)], spec)
         for partition in parts:
-            run = simulate(spec, partition, spec.max_position_embeddings * burst.requests, costs, burst)
+            # a pool that holds every request whole, as the engine's do for these workloads
+            capacity = burst.requests * (burst.prompt_len[1] + burst.output_len[1])
+            run = simulate(spec, partition, capacity, costs, burst)
             rates.append(burst.requests / run.makespan)
     return round(LOAD * min(rates), 2)
 

@@ -504,7 +504,6 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
                                meta={**pieces.meta, "seconds": round(time.perf_counter() - started, 1)})
 
 
-
 def profile_command(args) -> int:
     profile = profile_model(args.model, args.device, args.dtype, args.threads, args.repeats,
                             log=lambda s: print(f"pipesplit profile: {s}", file=sys.stderr, flush=True),

@@ -227,7 +227,7 @@ def _native_rows(batch: AttentionBatch) -> tuple[_KernelRows | None, _KernelRows
 def _lower_right_causal(n: int, c: int, device: torch.device):
     """The mask of n queries that are the last of c positions, each attending itself and every
     earlier position. On the CPU the boolean mask torch's `causal_lower_right` materialises there
-    too; building it here spares importing that module, which imports torch._dynamo (about 3 s of
+    too; building it here spares importing that module, which imports torch._dynamo (about 2 s of
     every stage's start-up). On CUDA the bias object, which reaches the flash kernel."""
     if device.type == "cpu":
         return torch.ones(n, c, dtype=torch.bool).tril(c - n)
