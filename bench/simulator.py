@@ -12,10 +12,13 @@
    the profile, and the errors of output throughput and TTFT p50 are reported, with whether the
    simulator orders the splits (by throughput and TTFT, per PP and workload) as the measurements
    do, in all and for the pairs of splits whose rounds do not overlap; the summary also gives the
-   errors of the pieces alone (the calibration's scales set to 1, the co-run microbenchmark), and the
-   errors with the VM's speed drift taken out: a fixed piece of work (`reference_seconds`) is
-   timed after profiling and before each split's runs, and the simulation of a split scaled by
-   its ratio (this VM's speed moved by 10-15% within half an hour on 2026-12-07).
+   errors of the pieces alone (the calibration's scales and oversubscribed slowdown set to 1, the
+   co-run microbenchmark), and the errors with the VM's speed drift taken out: a fixed piece of
+   work (`profile.reference_seconds`)
+   is timed while profiling (which rescales its calibration runs by it) and before and after each
+   split's runs, and the simulation of a split scaled by the mean of the two over the profile's
+   timing (this VM's speed moved by 10-15% within half an hour on 2026-12-07, and the same
+   2-thread GEMM ran at 90-133 GFLOPS within 18 seconds that evening).
 
     .venv/bin/python bench/simulator.py              # the full run (~15-20 minutes on 2 cores)
     .venv/bin/python bench/simulator.py --quick      # two splits, small workloads: a smoke run
@@ -52,7 +55,7 @@ from pipesplit.planner.simulator import (  # noqa: E402
     summarize,
 )
 from pipesplit.runtime.loader import resolve_model  # noqa: E402
-from pipesplit.runtime.profile import profile_model  # noqa: E402
+from pipesplit.runtime.profile import profile_model, reference_seconds  # noqa: E402
 
 SPLITS = {2: [(15, 15), (6, 24), (24, 6), (10, 20)], 3: [(10, 10, 10), (4, 13, 13), (20, 5, 5), (5, 5, 20)]}
 QUICK_SPLITS = {2: [(6, 24), (24, 6)]}
@@ -126,25 +129,6 @@ def run_real(llm: LLM, workload: Workload) -> tuple[list[RequestTimes], float, f
     return list(done.values()), min(arrived.values()), end
 
 
-def reference_seconds(dtype: str) -> float:
-    """How long a fixed piece of work takes on this machine now: a stack of SmolLM2's first layers
-    on a decode batch and on a prefill chunk, one thread (the co-run microbenchmark's runs), the
-    sum of their medians. Taken after profiling and before each measurement, its ratio says how
-    much the VM's speed moved in between."""
-    import torch
-
-    from pipesplit.runtime import profile as profiler
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            return sum(profiler._median_seconds(run, torch.device("cpu"), 7)
-                       for run in profiler._corun_runs("smollm2", profiler.DTYPES[dtype]))
-    finally:
-        torch.set_num_threads(threads)
-
-
 def drift_corrected(profile: Profile, drift: float) -> Profile:
     """The profile with every stage's compute scaled by the VM's speed drift (now over then)."""
     return dataclasses.replace(profile, prefill_scale=profile.prefill_scale * drift,
@@ -152,10 +136,10 @@ def drift_corrected(profile: Profile, drift: float) -> Profile:
 
 
 def pieces_only(profile: Profile) -> Profile:
-    """The profile without its calibration against the engine: scales 1, the co-run slowdown of
-    the microbenchmark."""
+    """The profile without its calibration against the engine: scales and oversubscribed slowdown 1,
+    the co-run slowdown of the microbenchmark."""
     corun = (profile.meta or {}).get("measurements", {}).get("corun_calibration", {})
-    return dataclasses.replace(profile, prefill_scale=1.0, decode_scale=1.0,
+    return dataclasses.replace(profile, prefill_scale=1.0, decode_scale=1.0, oversubscribed_slowdown=1.0,
                                corun_slowdown=corun.get("microbenchmark_slowdown", profile.corun_slowdown))
 
 
@@ -231,21 +215,24 @@ def separated_pairs(group: list[dict], metric: str) -> dict:
 def recalibrated(profile: Profile, spec, capacities: dict[tuple[int, ...], int]) -> Profile:
     """The profile's calibration recomputed from its stored engine runs with the current simulator
     (a profile without stored runs stays as it is). Files of before 2026-12-07 hold one run, with
-    its split's stages co-running, and neither its workload nor its settings: those are rebuilt."""
+    its split's stages co-running, and neither its workload nor its settings: those are rebuilt;
+    files of 2026-12-07 hold one run alone, later ones a list of them."""
     from pipesplit.runtime import profile as profiler
 
     measurements = (profile.meta or {}).get("measurements", {})
     calib = measurements.get("calibration")
     if not calib:
         return profile
-    if "workload" not in calib:
-        partition = tuple(calib["partition"])
+    runs = calib if isinstance(calib, list) else [calib]
+    if "workload" not in runs[0]:
+        partition = tuple(runs[0]["partition"])
         capacity = capacities.get(partition) or max(capacities.values())
         workload = profiler._calibration_workload(capacity, spec.max_position_embeddings)
-        calib = {**calib, "max_total_num_tokens": capacity, "config": {}, "workload": dataclasses.asdict(workload)}
-    together = measurements.get("corun_calibration")
-    return calibrated(spec, pieces_only(profile), MeasuredRun.from_json(calib),
-                      MeasuredRun.from_json(together) if together else None)
+        runs = [{**runs[0], "max_total_num_tokens": capacity, "config": {}, "workload": dataclasses.asdict(workload)}]
+    together, over = measurements.get("corun_calibration"), measurements.get("oversubscribed_calibration")
+    return calibrated(spec, pieces_only(profile), [MeasuredRun.from_json(run) for run in runs],
+                      MeasuredRun.from_json(together) if together else None,
+                      MeasuredRun.from_json(over) if over else None)
 
 
 def resimulate(path: str) -> int:
@@ -262,7 +249,7 @@ def resimulate(path: str) -> int:
     profiles = {int(t): recalibrated(Profile.from_json(p), spec, capacities) for t, p in doc["profiles"].items()}
     for t, p in profiles.items():
         print(f"profile of {t} thread(s): scales {p.prefill_scale:.3f} prefill, {p.decode_scale:.3f} decode, "
-              f"co-run slowdown {p.corun_slowdown:.3f}", file=sys.stderr)
+              f"co-run slowdown {p.corun_slowdown:.3f}, oversubscribed {p.oversubscribed_slowdown:.3f}", file=sys.stderr)
     rows = []
     for old in doc["rows"]:
         pp, partition = old["pp"], tuple(old["partition"])
@@ -275,7 +262,7 @@ def resimulate(path: str) -> int:
         results = [simulate(spec, partition, m["max_total_num_tokens"], ProfileCosts(p, spec), loads[old["workload"]],
                             PipelineConfig(**old.get("config", {}))) for p in variants]
         row = compare_row(pp, partition, old["workload"], measured, *results)
-        rows.append({**row, **{k: old[k] for k in ("config", "rounds", "drift") if k in old}})
+        rows.append({**row, **{k: old[k] for k in ("config", "rounds", "drift", "drift_before_after") if k in old}})
     doc["summary"], doc["orders"] = summarize_rows(rows)
     doc["rows"] = rows
     doc["profiles"] = {str(t): p.to_json() for t, p in profiles.items()}
@@ -311,17 +298,17 @@ def main() -> int:
     rate = args.poisson_rate or sustained_rate(splits, profiles, cores, workloads(args.quick)["all-at-once"])
     loads = workloads(args.quick, rate)
     print(f"Poisson arrivals at {rate} requests/s", file=sys.stderr, flush=True)
-    reference = reference_seconds(args.dtype)
 
     # Each split's engine runs the workloads once per round; rounds go over the splits forwards,
     # then backwards, ..., so that a slow spell of the VM does not fall on neighbouring splits
     # only; the row compares the rounds' mean with the simulator and keeps each round.
     order = [(pp, tuple(partition)) for pp, parts in splits.items() for partition in parts]
     measured_runs: dict[tuple, list[SimResult]] = {}
-    configs, capacities, drifts = {}, {}, {}
+    configs, capacities, brackets = {}, {}, {}
     for round_ in range(args.rounds):
         for pp, partition in (order if round_ % 2 == 0 else order[::-1]):
-            drifts.setdefault((pp, partition), []).append(reference_seconds(args.dtype) / reference)
+            reference = profiles[max(1, cores // pp)].meta["reference_seconds"]
+            before = reference_seconds("smollm2", args.dtype) / reference
             llm = LLM("smollm2", pp=pp, partition=list(partition), dtype=args.dtype, log=False)
             try:
                 llm.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
@@ -332,10 +319,13 @@ def main() -> int:
                     run = summarize(partition, capacity, times, start, end, [0.0] * pp, 0, 0)
                     measured_runs.setdefault((pp, partition, name), []).append(run)
                     print(f"round {round_ + 1} PP{pp} {','.join(map(str, partition)):>8} {name:<11} "
-                          f"{run.output_tokens_per_s:7.1f} tok/s (VM speed drift {drifts[pp, partition][-1]:.3f})",
-                          file=sys.stderr, flush=True)
+                          f"{run.output_tokens_per_s:7.1f} tok/s", file=sys.stderr, flush=True)
             finally:
                 llm.close()
+            after = reference_seconds("smollm2", args.dtype) / reference
+            brackets.setdefault((pp, partition), []).append([before, after])
+            print(f"  VM speed drift before / after: {before:.3f} / {after:.3f}",
+                  file=sys.stderr, flush=True)
 
     rows = []
     spec = resolve_model("smollm2").spec
@@ -344,7 +334,7 @@ def main() -> int:
         for name, workload in loads.items():
             runs = measured_runs[pp, partition, name]
             measured = mean_result(runs)
-            drift = statistics.fmean(drifts[pp, partition])
+            drift = statistics.fmean(itertools.chain.from_iterable(brackets[pp, partition]))
             simulated, uncalibrated, drifted = (
                 simulate(spec, partition, capacities[pp, partition], ProfileCosts(p, spec), workload,
                          configs[pp, partition])
@@ -352,7 +342,8 @@ def main() -> int:
             row = compare_row(pp, partition, name, measured, simulated, uncalibrated, drifted)
             row["config"] = dataclasses.asdict(configs[pp, partition])
             row["rounds"] = [r.to_json() for r in runs]
-            row["drift"] = drifts[pp, partition]
+            row["drift"] = [statistics.fmean(b) for b in brackets[pp, partition]]  # per round
+            row["drift_before_after"] = brackets[pp, partition]
             rows.append(row)
 
     summary, orders = summarize_rows(rows)
@@ -360,7 +351,6 @@ def main() -> int:
         "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version()},
         "dtype": args.dtype,
         "profile_seconds": round(profile_seconds, 1),
-        "reference_seconds": reference,
         "total_seconds": round(time.perf_counter() - started, 1),
         "workloads": {k: vars(w) for k, w in loads.items()},
         "summary": summary,

@@ -14,6 +14,13 @@ Writes bench/results/throughput.json with every run and the ratios, and prints a
     .venv/bin/python bench/throughput.py                            # everything (about 20 minutes)
     .venv/bin/python bench/throughput.py --dtype bfloat16 --only pipesplit-pp1,vllm-pp1 --requests 16
     .venv/bin/python bench/throughput.py --quick                    # a smoke run, pipesplit only
+    .venv/bin/python bench/throughput.py --dtype float32 --only pipesplit-pp1,vllm-pp1 --rounds 3
+
+With `--rounds N` the engines run N times, alternating (in order, then in reverse, ...), and each
+engine counts with its median round; the JSON also keeps every round and, per ratio, the ratio
+within each round (the two engines measured minutes apart). One round is the default; on a VM
+whose speed moves by tens of percent within minutes (2026-12-07: pipesplit PP1 took 42 s and
+66-69 s on the same requests in four runs in a row), a ratio of single runs is that noisy.
 """
 
 from __future__ import annotations
@@ -168,6 +175,20 @@ def ratios_of(runs: dict) -> dict:
     return out
 
 
+def median_run(runs: list[dict]) -> dict:
+    """An engine's median round by tokens/s (the lower middle one of an even count), with every
+    round's tokens/s beside it; a failed round only where every round failed."""
+    done = sorted((r for r in runs if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
+    if not done:
+        return runs[0]
+    return {**done[(len(done) - 1) // 2], "rounds_tokens_per_s": [r.get("tokens_per_s") for r in runs]}
+
+
+def round_runs(rounds: dict[str, list[dict]], count: int) -> list[dict]:
+    """Per round, each engine's run in it."""
+    return [{engine: runs[i] for engine, runs in rounds.items()} for i in range(count)]
+
+
 def parse_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition(",")
     return int(low), int(high or low)
@@ -188,8 +209,11 @@ def main() -> int:
                         help="where the peer venvs live (make bench-peers)")
     parser.add_argument("--quick", action="store_true", help="8 short requests, pipesplit only, to check the script")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each engine, alternating; the median counts")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # ENGINE:DTYPE, run by run_in_child
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds is {args.rounds}; give at least 1")
     if args.quick:
         args.requests, args.prompt_tokens, args.output_tokens = 8, (32, 64), (8, 16)
         args.only = "pipesplit-pp1,pipesplit-pp2"
@@ -206,17 +230,24 @@ def main() -> int:
         return 0
     began = time.perf_counter()
     results: dict[str, dict] = {}
+    paired: dict[str, dict] = {}
     for dtype in dtypes:
-        runs = results.setdefault(dtype, {})
-        for engine in engines:
-            print(f"bench: {dtype} {engine} ...", file=sys.stderr, flush=True)
-            try:
-                runs[engine] = run_in_child(engine, dtype, sys.argv[1:])
-            except Exception as exc:  # noqa: BLE001 -- a peer that fails is reported, the bench goes on
-                runs[engine] = {"error": f"{type(exc).__name__}: {exc}"}
-            run = runs[engine]
-            print(f"bench: {dtype} {engine}: " + (f"{run['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in run
-                                                  else run["error"]), file=sys.stderr, flush=True)
+        rounds: dict[str, list[dict]] = {}
+        for round_ in range(args.rounds):
+            for engine in (engines if round_ % 2 == 0 else engines[::-1]):
+                print(f"bench: {dtype} {engine} (round {round_ + 1}) ...", file=sys.stderr, flush=True)
+                try:
+                    run = run_in_child(engine, dtype, sys.argv[1:])
+                except Exception as exc:  # noqa: BLE001 -- a peer that fails is reported, the bench goes on
+                    run = {"error": f"{type(exc).__name__}: {exc}"}
+                rounds.setdefault(engine, []).append(run)
+                print(f"bench: {dtype} {engine}: " + (f"{run['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in run
+                                                      else run["error"]), file=sys.stderr, flush=True)
+        results[dtype] = {engine: median_run(runs) for engine, runs in rounds.items()}
+        if args.rounds > 1:
+            paired[dtype] = {name: [r[name] for r in map(ratios_of, round_runs(rounds, args.rounds)) if name in r]
+                             for name in RATIOS}
+            paired[dtype] = {name: values for name, values in paired[dtype].items() if values}
     report = {
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "workload": {"requests": len(prompts), "seed": args.seed, "prompt_tokens": sum(map(len, prompts)),
@@ -227,6 +258,8 @@ def main() -> int:
                     "torch": torch.__version__, "load_average_at_end": list(os.getloadavg())},
         "runs": results,
         "ratios": {dtype: ratios_of(runs) for dtype, runs in results.items()},
+        "rounds": args.rounds,
+        "ratios_per_round": paired,
         "targets": TARGETS,
         "bench_seconds": time.perf_counter() - began,
     }
@@ -249,7 +282,9 @@ def markdown(report: dict) -> str:
     for dtype in dtypes:
         for name, value in report["ratios"][dtype].items():
             target = TARGETS.get(name)
-            lines.append(f"{dtype} {name} = {value:.2f}" + (f" (target >= {target})" if target else ""))
+            per_round = report.get("ratios_per_round", {}).get(dtype, {}).get(name)
+            lines.append(f"{dtype} {name} = {value:.2f}" + (f" (target >= {target})" if target else "")
+                         + (" (rounds: " + ", ".join(f"{v:.2f}" for v in per_round) + ")" if per_round else ""))
     return "\n".join(lines)
 
 

@@ -146,9 +146,9 @@ class StepCosts(Protocol):
     def activation_bytes(self, shape: StepShape) -> int:
         """Bytes handed from one stage to the next."""
 
-    def slowdown(self, computing: int) -> float:
-        """How much slower each stage computes while `computing` stages compute at once (1.0 where
-        stages do not share a machine)."""
+    def slowdown(self, computing: int, stages: int) -> float:
+        """How much slower each stage computes while `computing` of the pipeline's `stages` stages
+        compute at once (1.0 where stages do not share a machine)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,10 @@ class Profile:
     # a layer's time while every other core group (cores // threads in all) runs a stage too, over
     # its time alone: shared memory bandwidth and caches (CPU; 1.0 where not measured)
     corun_slowdown: float = 1.0
+    # how much dearer every step of a pipeline with more stages than cores is, beyond the cores'
+    # processor sharing (CPU, one thread per stage; fitted by `pipesplit profile --calibrate` on a
+    # run with one stage more than the cores; 1.0 where not measured): see `cpu_contention`
+    oversubscribed_slowdown: float = 1.0
     # the real engine's stage step times over what the pieces (and on a CPU the co-running model)
     # charge for them, on a calibration workload with `threads` per stage (`pipesplit profile`):
     # over the steps with a prefill chunk, and over the decode-only steps
@@ -208,7 +212,7 @@ class Profile:
     meta: dict | None = None
 
     def __post_init__(self) -> None:
-        for name in ("prefill_scale", "decode_scale", "corun_slowdown"):
+        for name in ("prefill_scale", "decode_scale", "corun_slowdown", "oversubscribed_slowdown"):
             if not getattr(self, name) > 0:
                 raise UserError(f"the profile's {name} is {getattr(self, name)}; rerun `pipesplit profile`")
 
@@ -294,8 +298,8 @@ class ProfileCosts:
     def activation_bytes(self, shape: StepShape) -> int:
         return shape.tokens * self.profile.hidden_size * self.profile.activation_itemsize
 
-    def slowdown(self, computing: int) -> float:
-        return cpu_contention(self.profile, computing)
+    def slowdown(self, computing: int, stages: int) -> float:
+        return cpu_contention(self.profile, computing, stages)
 
 
 # -- the roofline ------------------------------------------------------------------------------------------
@@ -420,7 +424,7 @@ class RooflineCosts:
     def activation_bytes(self, shape: StepShape) -> int:
         return shape.tokens * self.spec.hidden_size * 2  # bf16 hidden states, replicated over TP ranks
 
-    def slowdown(self, computing: int) -> float:
+    def slowdown(self, computing: int, stages: int) -> float:
         return 1.0  # each stage on GPUs of its own
 
 
@@ -564,7 +568,7 @@ def simulate(spec: ModelSpec, partition: Sequence[int], capacity: int, costs: St
     and computes stage 0's layers itself; otherwise it waits for the oldest batch's answer (and,
     with a micro-batch slot free, for a new request) and completes it. Every other stage computes
     the batches handed to it in order. Stages that compute at the same time share the machine:
-    while k of them compute, each advances at 1 / `costs.slowdown(k)` of its speed alone.
+    while k of them compute, each advances at 1 / `costs.slowdown(k, P)` of its speed alone.
     `on_step(shape, seconds)` hears each completed step with every stage's compute seconds
     (rank 0's scheduling work left out, as the engine times it).
     """
@@ -649,7 +653,7 @@ def simulate(spec: ModelSpec, partition: Sequence[int], capacity: int, costs: St
             inflight.append(flight)
         handed[stage + 1].append((now + flight.hop, flight))
 
-    stretch_of = [costs.slowdown(k) for k in range(num_stages + 1)]
+    stretch_of = [costs.slowdown(k, num_stages) for k in range(num_stages + 1)]
     stages = range(num_stages)
     while True:
         if jobs[0] is None:
@@ -717,21 +721,28 @@ def chunk_pipeline_ttft(spec: ModelSpec, partition: Sequence[int], costs: StepCo
     return done[-1]
 
 
-def cpu_contention(profile: Profile, computing: int) -> float:
-    """How much slower a CPU stage computes while `computing` stages compute at once: 1.0 alone or
-    off the CPU.
+def cpu_contention(profile: Profile, computing: int, stages: int = 1) -> float:
+    """How much slower a CPU stage computes while `computing` of the pipeline's `stages` stages
+    compute at once: 1.0 alone or off the CPU.
 
     Up to g = cores // threads stages each have their own cores but share memory bandwidth and
     caches: the profiler measured a layer's time while g - 1 others run (`corun_slowdown`, s), and
     a stage is stretched by 1 + (s - 1) * min(1, (k - 1) / (g - 1)) while k stages compute. Beyond
-    g they also share the cores (processor sharing): max(1, k x threads / cores) more.
+    g they also share the cores (processor sharing): max(1, k x threads / cores) more. A pipeline
+    of more stages than cores pays `oversubscribed_slowdown` on every step besides, however many
+    compute: its stages wait for a core after every hand-off (a woken process queues behind the
+    running ones) and gloo's receive threads take cores too (on a 2-core Zen 3, 2026-12-07, three
+    one-thread stages left the cores idle 15% of a run in which all three had work).
     """
     cores = (profile.meta or {}).get("cpu_count") or 0
-    if profile.device != "cpu" or cores < 1 or computing <= 1:
+    if profile.device != "cpu" or cores < 1 or computing < 1:
         return 1.0
+    over = profile.oversubscribed_slowdown if stages * profile.threads > cores else 1.0
+    if computing == 1:
+        return over
     groups = max(1, cores // profile.threads)
     shared = 1.0 if groups == 1 else min(1.0, (computing - 1) / (groups - 1))
-    return (1 + (profile.corun_slowdown - 1) * shared) * max(1.0, computing * profile.threads / cores)
+    return (1 + (profile.corun_slowdown - 1) * shared) * max(1.0, computing * profile.threads / cores) * over
 
 
 @dataclass(frozen=True)
@@ -745,18 +756,26 @@ class MeasuredRun:
     workload: Workload
     steps: list[tuple[StepShape, list[float]]]
     seconds: float
+    drift: float = 1.0  # what its seconds were divided by (`rescaled`)
 
     def to_json(self) -> dict:
         return {"partition": list(self.partition), "max_total_num_tokens": self.capacity,
                 "config": asdict(self.config), "workload": asdict(self.workload), "seconds": self.seconds,
-                "steps": [[*shape.as_list(), *t] for shape, t in self.steps]}
+                "drift": self.drift, "steps": [[*shape.as_list(), *t] for shape, t in self.steps]}
+
+    def rescaled(self, drift: float) -> "MeasuredRun":
+        """The run as measured at the machine's earlier speed, when around the run a fixed piece of
+        work took `drift` times its earlier time: every second divided by `drift` (which the run
+        keeps, so that its JSON says what was done)."""
+        steps = [(shape, [t / drift for t in seconds]) for shape, seconds in self.steps]
+        return replace(self, steps=steps, seconds=self.seconds / drift, drift=self.drift * drift)
 
     @classmethod
     def from_json(cls, doc: dict) -> "MeasuredRun":
         pp = len(doc["partition"])
         steps = [(StepShape(*map(int, row[:5])), list(row[5:5 + pp])) for row in doc["steps"]]
         return cls(tuple(doc["partition"]), doc["max_total_num_tokens"], PipelineConfig(**doc["config"]),
-                   Workload.from_json(doc["workload"]), steps, doc["seconds"])
+                   Workload.from_json(doc["workload"]), steps, doc["seconds"], doc.get("drift", 1.0))
 
 
 def _simulated_run(spec: ModelSpec, profile: Profile, run: MeasuredRun, on_step: StepTrace) -> None:
@@ -764,33 +783,34 @@ def _simulated_run(spec: ModelSpec, profile: Profile, run: MeasuredRun, on_step:
     simulate(spec, run.partition, run.capacity, ProfileCosts(profile, spec), run.workload, run.config, on_step=on_step)
 
 
-def calibration_scales(spec: ModelSpec, profile: Profile, run: MeasuredRun) -> tuple[float, float]:
-    """(prefill scale, decode scale): the engine's stage seconds in `run` against what the simulator
-    charges for the same workload with the profile's pieces alone (and its co-run slowdown).
+def calibration_scales(spec: ModelSpec, profile: Profile, runs: Sequence[MeasuredRun]) -> tuple[float, float]:
+    """(prefill scale, decode scale): the engine's stage seconds in `runs` against what the simulator
+    charges for the same workloads with the profile's pieces alone (and its co-run slowdown).
 
-    The decode scale is the ratio of the sums over the decode-only steps. Over the steps with a
-    prefill chunk, the decode view of each step (`decode_view`) is charged at the decode scale and
-    the prefill scale makes up the rest: (measured - decode scale x simulated decode views) / the
-    simulated prefill additions. 1.0 for a kind without steps."""
+    The decode scale is the ratio of the sums over the decode-only steps of all runs. Over the
+    steps with a prefill chunk, the decode view of each step (`decode_view`) is charged at the
+    decode scale and the prefill scale makes up the rest: (measured - decode scale x simulated
+    decode views) / the simulated prefill additions. 1.0 for a kind without steps."""
     pieces = replace(profile, prefill_scale=1.0, decode_scale=1.0)
     costs = ProfileCosts(pieces, spec)
-    ranges, last = stage_ranges(run.partition), len(run.partition) - 1
     measured = {True: 0.0, False: 0.0}
-    for shape, seconds in run.steps:
-        measured[has_prefill(shape)] += sum(seconds)
     decode_simulated = view_simulated = added_simulated = 0.0
+    for run in runs:
+        for shape, seconds in run.steps:
+            measured[has_prefill(shape)] += sum(seconds)
+        ranges, last = stage_ranges(run.partition), len(run.partition) - 1
 
-    def charge(shape: StepShape, seconds: Sequence[float]) -> None:
-        nonlocal decode_simulated, view_simulated, added_simulated
-        for stage, ran in enumerate(seconds):  # each stage's stretched seconds, split as its pieces
-            view, added = costs.split_seconds(ranges[stage], stage == 0, stage == last, shape)
-            if added == 0.0:
-                decode_simulated += ran
-            else:
-                view_simulated += ran * view / (view + added)
-                added_simulated += ran * added / (view + added)
+        def charge(shape: StepShape, seconds: Sequence[float]) -> None:
+            nonlocal decode_simulated, view_simulated, added_simulated
+            for stage, ran in enumerate(seconds):  # each stage's stretched seconds, split as its pieces
+                view, added = costs.split_seconds(ranges[stage], stage == 0, stage == last, shape)
+                if added == 0.0:
+                    decode_simulated += ran
+                else:
+                    view_simulated += ran * view / (view + added)
+                    added_simulated += ran * added / (view + added)
 
-    _simulated_run(spec, pieces, run, charge)
+        _simulated_run(spec, pieces, run, charge)
     decode = measured[False] / decode_simulated if measured[False] > 0 and decode_simulated > 0 else 1.0
     prefill = 1.0
     if measured[True] > 0 and added_simulated > 0:
@@ -801,13 +821,18 @@ def calibration_scales(spec: ModelSpec, profile: Profile, run: MeasuredRun) -> t
     return prefill, decode
 
 
-def calibrated(spec: ModelSpec, pieces: Profile, alone: MeasuredRun, together: MeasuredRun | None = None) -> Profile:
-    """`pieces` with the scales fitted on `alone` (one stage) and, where given, the co-run slowdown
-    fitted on `together` (stages co-running) with those scales."""
+def calibrated(spec: ModelSpec, pieces: Profile, alone: Sequence[MeasuredRun], together: MeasuredRun | None = None,
+               oversubscribed: MeasuredRun | None = None) -> Profile:
+    """`pieces` with the scales fitted on the runs `alone` (one stage), then where given the co-run
+    slowdown fitted on `together` (stages co-running on cores of their own) and the oversubscribed
+    slowdown on `oversubscribed` (more stages than cores), each with what was fitted before it."""
     prefill, decode = calibration_scales(spec, pieces, alone)
     profile = replace(pieces, prefill_scale=prefill, decode_scale=decode)
     if together is not None:
         profile = replace(profile, corun_slowdown=fit_corun_slowdown(spec, profile, together))
+    if oversubscribed is not None:
+        profile = replace(profile, oversubscribed_slowdown=fit_slowdown(spec, profile, oversubscribed,
+                                                                        "oversubscribed_slowdown"))
     return profile
 
 
@@ -815,6 +840,13 @@ def fit_corun_slowdown(spec: ModelSpec, profile: Profile, run: MeasuredRun, most
     """The co-run slowdown at which the simulator charges the stages of `run` (stages that co-run on
     their own cores) as many seconds as the engine measured, the profile's scales as they are;
     by bisection in [1, most]."""
+    return fit_slowdown(spec, profile, run, "corun_slowdown", most)
+
+
+def fit_slowdown(spec: ModelSpec, profile: Profile, run: MeasuredRun, field: str, most: float = 4.0) -> float:
+    """The value of the profile's slowdown `field` at which the simulator charges the stages of
+    `run` as many seconds as the engine measured, the rest of the profile as it is; by bisection
+    in [1, most]."""
     measured = sum(sum(seconds) for _, seconds in run.steps)
 
     def charged(slowdown: float) -> float:
@@ -824,7 +856,7 @@ def fit_corun_slowdown(spec: ModelSpec, profile: Profile, run: MeasuredRun, most
             nonlocal total
             total += sum(seconds)
 
-        _simulated_run(spec, replace(profile, corun_slowdown=slowdown), run, add)
+        _simulated_run(spec, replace(profile, **{field: slowdown}), run, add)
         return total
 
     low, high = 1.0, most

@@ -11,12 +11,15 @@ stages in other processes compute on the other cores (`corun_slowdown`: they sha
 bandwidth and caches). Every measurement is a median of repeats.
 
 With `--calibrate` the real engine then runs a short workload of its own with the same threads
-per stage: first as one stage alone, whose steps set against what the simulator charges for the
-same workload give the profile's prefill and decode scales (over the steps with a prefill chunk,
-what the chunk adds beyond the step's decode view; over the decode-only steps, the whole step);
-then, on a CPU with room for more stages of those threads (PP2 for one thread on two cores), with
+per stage: first as one stage alone, twice with different requests (more prefill steps, so that
+one disturbed step moves the scale less), whose steps set against what the simulator charges for
+the same workloads give the profile's prefill and decode scales (over the steps with a prefill
+chunk, what the chunk adds beyond the step's decode view; over the decode-only steps, the whole
+step); then, on a CPU with room for more stages of those threads (PP2 for one thread on two cores), with
 that many stages, and the co-run slowdown becomes the one at which the simulator charges that
-run's stages what they measured (the microbenchmark's value is kept beside it). They carry what
+run's stages what they measured (the microbenchmark's value is kept beside it); and with one
+thread per stage, with one stage more than the cores (PP3 on two), which fits the oversubscribed
+slowdown the same way. They carry what
 the pieces timed apart miss (a whole stage's caches and memory traffic beside the other stages,
 the allocator, the kernels the engine picks at start-up) into every split the simulator prices.
 It is off by default; bench/simulator.py profiles with it and reports the errors with and
@@ -372,14 +375,46 @@ def _corun_slowdown(model: str, dtype: str, threads: int, repeats: int) -> float
     return max(1.0, ratio ** (1 / len(alone)))
 
 
+def reference_seconds(model: str, dtype: str) -> float:
+    """How long a fixed piece of work takes on this machine now: the co-run microbenchmark's layer
+    stack on its decode batch and its prefill chunk, one thread, the sum of their medians. Timed
+    beside slower measurements, its ratio to an earlier timing says how much the machine's speed
+    moved in between (a VM's moves with its neighbours: on a 2-core Zen 3 on 2026-12-07 the same
+    2-thread GEMM ran at 90-133 GFLOPS within 18 seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            return sum(_median_seconds(run, torch.device("cpu"), 7) for run in _corun_runs(model, DTYPES[dtype]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _at_reference_speed(model: str, dtype: str, reference: float | None,
+                        measure: Callable[[], list[MeasuredRun]]) -> list[MeasuredRun]:
+    """The runs `measure` returns, rescaled to the machine's speed when `reference` was timed: the
+    reference work is timed again before and after them, and the mean over `reference` is their
+    drift (CPU; on a GPU, where `reference` is None, the runs stay as measured)."""
+    if reference is None:
+        return measure()
+    before = reference_seconds(model, dtype)
+    runs = measure()
+    drift = (before + reference_seconds(model, dtype)) / 2 / reference
+    return [run.rescaled(drift) for run in runs]
+
+
 # -- calibration: the real engine against the pieces ----------------------------------------------------
 # A workload unlike bench/simulator.py's (20 requests of 32-128 prompt and 16-32 output tokens):
-# prefill steps of many chunks, then decode batches that shrink as requests finish.
-CALIBRATION_REQUESTS, CALIBRATION_PROMPT, CALIBRATION_OUTPUT, CALIBRATION_SEED = 16, (48, 320), (24, 48), 7
+# prefill steps of many chunks, then decode batches that shrink as requests finish. The engine
+# alone runs it once per seed, one after the other: a run has only two or three prefill steps, and
+# on a Zen 3 (2026-12-07) one of them slowed by another program's exit (11.4 s against 8.1-9.1 s
+# in four later runs) moved the prefill scale from 1.08 to 1.22.
+CALIBRATION_REQUESTS, CALIBRATION_PROMPT, CALIBRATION_OUTPUT = 16, (48, 320), (24, 48)
+CALIBRATION_SEEDS = (7, 8)
 
 
-def _calibration_workload(capacity: int, max_position: int) -> Workload:
-    """The calibration requests, shortened where a small model's context or KV pool needs it."""
+def _calibration_workload(capacity: int, max_position: int, seed: int = CALIBRATION_SEEDS[0]) -> Workload:
+    """The calibration requests of `seed`, shortened where a small model's context or KV pool needs it."""
     room = min(capacity // CALIBRATION_REQUESTS, max_position) - 1  # tokens one request may hold
 
     def clip(span: tuple[int, int], most: int) -> tuple[int, int]:
@@ -387,29 +422,32 @@ def _calibration_workload(capacity: int, max_position: int) -> Workload:
         return low, high
 
     return Workload(CALIBRATION_REQUESTS, clip(CALIBRATION_PROMPT, room * 7 // 8), clip(CALIBRATION_OUTPUT, room // 8),
-                    seed=CALIBRATION_SEED)
+                    seed=seed)
 
 
-def _engine_run(model: str, device: str, dtype: str, threads: int, pp: int) -> MeasuredRun:
-    """The real engine, `pp` stages of `threads` threads, on the calibration workload (after a
-    warm-up): each step's shape and every stage's compute seconds for it."""
+def _engine_runs(model: str, device: str, dtype: str, threads: int, pp: int, seeds: Sequence[int]) -> list[MeasuredRun]:
+    """The real engine, `pp` stages of `threads` threads, on the calibration workload of each of
+    `seeds` in turn (after a warm-up): each step's shape and every stage's compute seconds for it."""
     from pipesplit.runtime.engine import LLM
 
     llm = LLM(model, pp=pp, dtype=dtype, device=device, threads=threads, log=False)
+    runs = []
     try:
         llm.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4, ignore_eos=True))
-        workload = _calibration_workload(llm.max_total_num_tokens, llm.spec.max_position_embeddings)
-        draws = workload.draw(llm.spec.vocab_size)
-        steps: list[tuple[StepShape, list[float]]] = []
-        llm.engine.on_step = lambda batch, seconds: steps.append((shape_of(batch), seconds))
-        started = time.perf_counter()
-        llm.generate([prompt for _, prompt, _ in draws],
-                     [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, _, n in draws])
-        elapsed = time.perf_counter() - started
         config = PipelineConfig.of(llm.engine.scheduler_config)
+        for seed in seeds:
+            workload = _calibration_workload(llm.max_total_num_tokens, llm.spec.max_position_embeddings, seed)
+            draws = workload.draw(llm.spec.vocab_size)
+            steps: list[tuple[StepShape, list[float]]] = []
+            llm.engine.on_step = lambda batch, seconds: steps.append((shape_of(batch), seconds))
+            started = time.perf_counter()
+            llm.generate([prompt for _, prompt, _ in draws],
+                         [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, _, n in draws])
+            runs.append(MeasuredRun(tuple(llm.plan.partition), llm.max_total_num_tokens, config, workload, steps,
+                                    time.perf_counter() - started))
     finally:
         llm.close()
-    return MeasuredRun(tuple(llm.plan.partition), llm.max_total_num_tokens, config, workload, steps, elapsed)
+    return runs
 
 
 def _linear_fit_1d(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -450,20 +488,33 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
     transfer = _transfer_times(device, max(repeats, 20))
     latency, per_byte = _linear_fit_1d(TRANSFER_BYTES, transfer)
     corun = 1.0
+    reference = None
     if device == "cpu":
         log("profiling a layer beside co-running stages")
         corun = _corun_slowdown(model, dtype, threads, repeats)
+        reference = reference_seconds(model, dtype)  # the machine's speed as the pieces saw it
 
-    alone = together = None
+    alone = together = oversubscribed = None
     if calibrate:
         # PP1 prices the pieces; on a CPU with room for more stages of `threads` threads, a run
-        # with that many stages prices their co-running
+        # with that many stages prices their co-running. Each run is rescaled to the machine's
+        # speed while the pieces were timed, so that the scales carry what the pieces miss and not
+        # how the machine's speed moved in between.
         groups = min(max(1, (os.cpu_count() or 1) // threads), spec.num_layers) if device == "cpu" else 1
         log("calibrating against the engine at PP1")
-        alone = _engine_run(model, device, dtype, threads, 1)
+        alone = _at_reference_speed(model, dtype, reference,
+                                    lambda: _engine_runs(model, device, dtype, threads, 1, CALIBRATION_SEEDS))
         if groups > 1:
             log(f"calibrating co-running stages against the engine at PP{groups}")
-            together = _engine_run(model, device, dtype, threads, groups)
+            together = _at_reference_speed(
+                model, dtype, reference,
+                lambda: _engine_runs(model, device, dtype, threads, groups, CALIBRATION_SEEDS[:1]))[0]
+        if device == "cpu" and threads == 1 and groups + 1 <= spec.num_layers:
+            # the engine gives stages one thread each once they outnumber the cores
+            log(f"calibrating more stages than cores against the engine at PP{groups + 1}")
+            oversubscribed = _at_reference_speed(
+                model, dtype, reference,
+                lambda: _engine_runs(model, device, dtype, threads, groups + 1, CALIBRATION_SEEDS[:1]))[0]
         torch.set_num_threads(threads)
 
     layer_features = ("base", "per_token", "per_seq", "per_attention", "per_context")
@@ -492,15 +543,18 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         transfer_per_byte=per_byte,
         corun_slowdown=corun,
         meta={"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
-              "cpu_count": os.cpu_count(), "repeats": repeats, "layers_per_stack": stacks, "measurements": raw},
+              "cpu_count": os.cpu_count(), "repeats": repeats, "layers_per_stack": stacks,
+              "reference_seconds": reference, "measurements": raw},
     )
     if alone is None:
         return pieces
     # the engine's steps over what the simulator charges for the same workload with the pieces
-    raw["calibration"] = alone.to_json()
+    raw["calibration"] = [run.to_json() for run in alone]
     if together is not None:
         raw["corun_calibration"] = {**together.to_json(), "microbenchmark_slowdown": corun}
-    return dataclasses.replace(calibrated(spec, pieces, alone, together),
+    if oversubscribed is not None:
+        raw["oversubscribed_calibration"] = oversubscribed.to_json()
+    return dataclasses.replace(calibrated(spec, pieces, alone, together, oversubscribed),
                                meta={**pieces.meta, "seconds": round(time.perf_counter() - started, 1)})
 
 
@@ -513,6 +567,7 @@ def profile_command(args) -> int:
     calibrated = (f"engine steps {profile.prefill_scale:.2f}x (prefill) and {profile.decode_scale:.2f}x (decode) "
                   f"the pieces, " if args.calibrate else "")
     print(f"wrote {args.out}: {profile.model} on {profile.device} ({profile.dtype}, {profile.threads} threads), "
-          f"{len(profile.layers)} layer kind(s), co-run slowdown {profile.corun_slowdown:.2f}, {calibrated}"
+          f"{len(profile.layers)} layer kind(s), co-run slowdown {profile.corun_slowdown:.2f}, "
+          f"oversubscribed {profile.oversubscribed_slowdown:.2f}, {calibrated}"
           f"measured in {profile.meta['seconds']} s")
     return 0

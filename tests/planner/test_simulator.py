@@ -25,6 +25,7 @@ from pipesplit.planner.simulator import (
     RooflineCosts,
     StepShape,
     Workload,
+    calibrated,
     calibration_scales,
     fit_corun_slowdown,
     has_prefill,
@@ -58,7 +59,7 @@ class ConstantCosts:
     def activation_bytes(self, shape):
         return shape.tokens
 
-    def slowdown(self, computing):
+    def slowdown(self, computing, stages):
         return 1.0
 
 
@@ -217,22 +218,40 @@ def _engine_like_run(profile: Profile, partition, workload: Workload) -> Measure
     return MeasuredRun(tuple(partition), 100_000, PipelineConfig(), workload, steps, 0.0)
 
 
-def test_calibration_recovers_the_scales_and_the_co_run_slowdown_an_engine_ran_at():
+def test_calibration_recovers_the_scales_and_the_slowdowns_an_engine_ran_at():
     workload = Workload(16, (48, 320), (24, 48), seed=7)
     truth = _tiny_profile(prefill_scale=1.6, decode_scale=0.9, corun_slowdown=1.3)
     alone = _engine_like_run(truth, (30,), workload)
     assert any(has_prefill(s) for s, _ in alone.steps) and any(not has_prefill(s) for s, _ in alone.steps)
     assert MeasuredRun.from_json(json.loads(json.dumps(alone.to_json()))) == alone
     pieces = _tiny_profile()
-    assert calibration_scales(SMOL, pieces, alone) == pytest.approx((1.6, 0.9))
-    calibrated = _tiny_profile(prefill_scale=1.6, decode_scale=0.9)
+    assert calibration_scales(SMOL, pieces, [alone]) == pytest.approx((1.6, 0.9))
+    # over several runs: the sums of all their steps (a second workload at other scales pulls
+    # the fit towards its own, weighted by its seconds)
+    other = dataclasses.replace(workload, seed=8)
+    assert calibration_scales(SMOL, pieces, [alone, _engine_like_run(truth, (30,), other)]) == pytest.approx((1.6, 0.9))
+    slower = _engine_like_run(_tiny_profile(prefill_scale=2.0, decode_scale=1.1), (30,), other)
+    prefill, decode = calibration_scales(SMOL, pieces, [alone, slower])
+    assert 1.6 < prefill < 2.0 and 0.9 < decode < 1.1
+    # a run on a machine that had slowed by 25% since the pieces were timed, rescaled by that drift
+    drifted = dataclasses.replace(alone, steps=[(shape, [1.25 * t for t in seconds]) for shape, seconds in alone.steps])
+    assert calibration_scales(SMOL, pieces, [drifted]) == pytest.approx((2.0, 1.125))
+    rescaled = MeasuredRun.from_json(json.loads(json.dumps(drifted.rescaled(1.25).to_json())))
+    assert rescaled.drift == 1.25 and calibration_scales(SMOL, pieces, [rescaled]) == pytest.approx((1.6, 0.9))
+    scaled = _tiny_profile(prefill_scale=1.6, decode_scale=0.9)
     together = _engine_like_run(truth, (15, 15), workload)  # two stages, one core each: they co-run
-    assert fit_corun_slowdown(SMOL, calibrated, together) == pytest.approx(1.3, abs=0.01)
+    assert fit_corun_slowdown(SMOL, scaled, together) == pytest.approx(1.3, abs=0.01)
     assert fit_corun_slowdown(SMOL, truth, _engine_like_run(_tiny_profile(prefill_scale=1.6, decode_scale=0.9,
                                                                               corun_slowdown=1.0), (15, 15),
                                                             workload)) == 1.0  # no slower than alone
+    # three one-thread stages on two cores, whose every step took 1.25x what sharing the cores explains
+    over = _engine_like_run(dataclasses.replace(truth, oversubscribed_slowdown=1.25), (10, 10, 10), workload)
+    fitted = calibrated(SMOL, pieces, [alone], together, over)
+    assert (fitted.prefill_scale, fitted.decode_scale) == pytest.approx((1.6, 0.9))
+    assert fitted.corun_slowdown == pytest.approx(1.3, abs=0.01)
+    assert fitted.oversubscribed_slowdown == pytest.approx(1.25, abs=0.01)
     empty = MeasuredRun((30,), 100_000, PipelineConfig(), workload, [], 0.0)
-    assert calibration_scales(SMOL, pieces, dataclasses.replace(empty, workload=Workload(1, (4, 4), (1, 1)))) \
+    assert calibration_scales(SMOL, pieces, [dataclasses.replace(empty, workload=Workload(1, (4, 4), (1, 1)))]) \
         == (1.0, 1.0)  # nothing measured: the pieces stand
 
 
@@ -395,7 +414,7 @@ def test_pipelined_chunks_are_a_flow_shop():
 class SharedCore(ConstantCosts):
     """ConstantCosts on one core: k stages computing at once each go k times slower."""
 
-    def slowdown(self, computing):
+    def slowdown(self, computing, stages):
         return float(computing)
 
 
@@ -415,19 +434,27 @@ def test_stages_computing_at_once_share_the_machine_moment_by_moment():
 
 
 def test_cpu_contention_is_the_co_run_slowdown_then_processor_sharing():
-    def profile(cores, threads=1, corun=1.5):
+    def profile(cores, threads=1, corun=1.5, over=1.2):
         return Profile("m", "cpu", "float32", threads, 8, 4, {"dense": Linear(base=1e-3)}, Linear(), Linear(), Linear(),
-                       Linear(), 0.0, 0.0, corun_slowdown=corun, meta={"cpu_count": cores})
+                       Linear(), 0.0, 0.0, corun_slowdown=corun, oversubscribed_slowdown=over,
+                       meta={"cpu_count": cores})
 
     two = ProfileCosts(profile(2), SMOL)
-    assert [two.slowdown(k) for k in (0, 1, 2, 3, 4)] == pytest.approx([1.0, 1.0, 1.5, 1.5 * 1.5, 1.5 * 2])
+    # two stages on two cores: the co-run slowdown while both compute
+    assert [two.slowdown(k, 2) for k in (0, 1, 2)] == pytest.approx([1.0, 1.0, 1.5])
+    # four on two: every step 1.2x dearer, and processor sharing beyond two computing
+    assert [two.slowdown(k, 4) for k in (0, 1, 2, 3, 4)] == pytest.approx([1.0, 1.2, 1.5 * 1.2, 1.5 * 1.5 * 1.2,
+                                                                            1.5 * 2 * 1.2])
     wide = ProfileCosts(profile(16), SMOL)  # 16 one-core groups: 3 stages share a little bandwidth, no cores
-    assert wide.slowdown(3) == pytest.approx(1 + 0.5 * 2 / 15)
+    assert wide.slowdown(3, 3) == pytest.approx(1 + 0.5 * 2 / 15)
     one_group = ProfileCosts(profile(2, threads=2), SMOL)  # a stage takes both cores: two take turns
-    assert one_group.slowdown(2) == pytest.approx(1.5 * 2)
+    assert one_group.slowdown(2, 2) == pytest.approx(1.5 * 2 * 1.2)
+    assert one_group.slowdown(1, 1) == 1.0
     gpu = dataclasses.replace(profile(2), device="cuda")
-    assert ProfileCosts(gpu, SMOL).slowdown(3) == 1.0
-    assert RooflineCosts(SMOL, (find_gpu("H100"),) * 2).slowdown(2) == 1.0
+    assert ProfileCosts(gpu, SMOL).slowdown(3, 3) == 1.0
+    assert RooflineCosts(SMOL, (find_gpu("H100"),) * 2).slowdown(2, 2) == 1.0
+    with pytest.raises(UserError, match="oversubscribed_slowdown"):
+        profile(2, over=0)
 
 
 def test_co_running_cpu_stages_slow_each_other_when_both_compute():
