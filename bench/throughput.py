@@ -19,8 +19,8 @@ Writes bench/results/throughput.json with every run and the ratios, and prints a
 With `--rounds N` the engines run N times, alternating (in order, then in reverse, ...), and each
 engine counts with its median round; the JSON also keeps every round and, per ratio, the ratio
 within each round (the two engines measured minutes apart). One round is the default; on a VM
-whose speed moves by tens of percent within minutes (2026-12-07: pipesplit PP1 took 42 s and
-66-69 s on the same requests in four runs in a row), a ratio of single runs is that noisy.
+whose speed moves by tens of percent within minutes (2026-12-07: pipesplit PP1 took 69 s and
+then 42 s on the same 32 requests, five minutes apart), a ratio of single runs is that noisy.
 """
 
 from __future__ import annotations

@@ -15,15 +15,16 @@ per stage: first as one stage alone, twice with different requests (more prefill
 one disturbed step moves the scale less), whose steps set against what the simulator charges for
 the same workloads give the profile's prefill and decode scales (over the steps with a prefill
 chunk, what the chunk adds beyond the step's decode view; over the decode-only steps, the whole
-step); then, on a CPU with room for more stages of those threads (PP2 for one thread on two cores), with
-that many stages, and the co-run slowdown becomes the one at which the simulator charges that
-run's stages what they measured (the microbenchmark's value is kept beside it); and with one
-thread per stage, with one stage more than the cores (PP3 on two), which fits the oversubscribed
-slowdown the same way. They carry what
-the pieces timed apart miss (a whole stage's caches and memory traffic beside the other stages,
-the allocator, the kernels the engine picks at start-up) into every split the simulator prices.
-It is off by default; bench/simulator.py profiles with it and reports the errors with and
-without the scales.
+step); then, on a CPU with room for more stages of those threads (PP2 for one thread on two
+cores), with that many stages, and the co-run slowdown becomes the one at which the simulator
+charges that run's stages what they measured (the microbenchmark's value is kept beside it);
+and with one thread per stage, with one stage more than the cores (PP3 on two), which fits the
+oversubscribed slowdown the same way. On a CPU each run is first rescaled to the machine's speed
+while the pieces were timed (`reference_seconds`, timed after the pieces and around each run).
+The fits carry what the pieces timed apart miss (a whole stage's caches and memory traffic beside
+the other stages, the allocator, the kernels the engine picks at start-up, the OS sharing cores)
+into every split the simulator prices. It is off by default; bench/simulator.py profiles with it
+and reports the errors with and without the fits.
 """
 
 from __future__ import annotations
