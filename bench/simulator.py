@@ -14,10 +14,9 @@
    do, in all and for the pairs of splits whose rounds do not overlap; the summary also gives the
    errors of the pieces alone (the calibration's scales and oversubscribed slowdown set to 1, the
    co-run microbenchmark), and the errors with the VM's speed drift taken out: a fixed piece of
-   work (`profile.reference_seconds`)
-   is timed while profiling (which rescales its calibration runs by it) and before and after each
-   split's runs, and the simulation of a split scaled by the mean of the two over the profile's
-   timing (this VM's speed moved by 10-15% within half an hour on 2026-12-07, and the same
+   work (`profile.reference_timer`) is timed while profiling (which rescales its calibration runs
+   by it) and before and after each split's runs, and the simulation of a split scaled by the mean
+   of the two over the profile's timing (this VM's speed moved by 10-15% within half an hour on 2026-12-07, and the same
    2-thread GEMM ran at 90-133 GFLOPS within 18 seconds that evening).
 
     .venv/bin/python bench/simulator.py              # the full run (~15-20 minutes on 2 cores)
@@ -55,7 +54,7 @@ from pipesplit.planner.simulator import (  # noqa: E402
     summarize,
 )
 from pipesplit.runtime.loader import resolve_model  # noqa: E402
-from pipesplit.runtime.profile import profile_model, reference_seconds  # noqa: E402
+from pipesplit.runtime.profile import profile_model, reference_timer  # noqa: E402
 
 SPLITS = {2: [(15, 15), (6, 24), (24, 6), (10, 20)], 3: [(10, 10, 10), (4, 13, 13), (20, 5, 5), (5, 5, 20)]}
 QUICK_SPLITS = {2: [(6, 24), (24, 6)]}
@@ -303,12 +302,13 @@ def main() -> int:
     # then backwards, ..., so that a slow spell of the VM does not fall on neighbouring splits
     # only; the row compares the rounds' mean with the simulator and keeps each round.
     order = [(pp, tuple(partition)) for pp, parts in splits.items() for partition in parts]
+    reference_seconds = reference_timer("smollm2", args.dtype)
     measured_runs: dict[tuple, list[SimResult]] = {}
     configs, capacities, brackets = {}, {}, {}
     for round_ in range(args.rounds):
         for pp, partition in (order if round_ % 2 == 0 else order[::-1]):
             reference = profiles[max(1, cores // pp)].meta["reference_seconds"]
-            before = reference_seconds("smollm2", args.dtype) / reference
+            before = reference_seconds() / reference
             llm = LLM("smollm2", pp=pp, partition=list(partition), dtype=args.dtype, log=False)
             try:
                 llm.generate([[1, 2, 3, 4]] * 2, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
@@ -322,7 +322,7 @@ def main() -> int:
                           f"{run.output_tokens_per_s:7.1f} tok/s", file=sys.stderr, flush=True)
             finally:
                 llm.close()
-            after = reference_seconds("smollm2", args.dtype) / reference
+            after = reference_seconds() / reference
             brackets.setdefault((pp, partition), []).append([before, after])
             print(f"  VM speed drift before / after: {before:.3f} / {after:.3f}",
                   file=sys.stderr, flush=True)

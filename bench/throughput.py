@@ -245,9 +245,8 @@ def main() -> int:
                                                       else run["error"]), file=sys.stderr, flush=True)
         results[dtype] = {engine: median_run(runs) for engine, runs in rounds.items()}
         if args.rounds > 1:
-            paired[dtype] = {name: [r[name] for r in map(ratios_of, round_runs(rounds, args.rounds)) if name in r]
-                             for name in RATIOS}
-            paired[dtype] = {name: values for name, values in paired[dtype].items() if values}
+            per_round = [ratios_of(runs) for runs in round_runs(rounds, args.rounds)]
+            paired[dtype] = {name: values for name in RATIOS if (values := [r[name] for r in per_round if name in r])}
     report = {
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "workload": {"requests": len(prompts), "seed": args.seed, "prompt_tokens": sum(map(len, prompts)),

@@ -721,7 +721,7 @@ def chunk_pipeline_ttft(spec: ModelSpec, partition: Sequence[int], costs: StepCo
     return done[-1]
 
 
-def cpu_contention(profile: Profile, computing: int, stages: int = 1) -> float:
+def cpu_contention(profile: Profile, computing: int, stages: int) -> float:
     """How much slower a CPU stage computes while `computing` of the pipeline's `stages` stages
     compute at once: 1.0 alone or off the CPU.
 

@@ -20,7 +20,7 @@ cores), with that many stages, and the co-run slowdown becomes the one at which 
 charges that run's stages what they measured (the microbenchmark's value is kept beside it);
 and with one thread per stage, with one stage more than the cores (PP3 on two), which fits the
 oversubscribed slowdown the same way. On a CPU each run is first rescaled to the machine's speed
-while the pieces were timed (`reference_seconds`, timed after the pieces and around each run).
+while the pieces were timed (`reference_timer`'s work, timed after the pieces and around each run).
 The fits carry what the pieces timed apart miss (a whole stage's caches and memory traffic beside
 the other stages, the allocator, the kernels the engine picks at start-up, the OS sharing cores)
 into every split the simulator prices. It is off by default; bench/simulator.py profiles with it
@@ -376,31 +376,36 @@ def _corun_slowdown(model: str, dtype: str, threads: int, repeats: int) -> float
     return max(1.0, ratio ** (1 / len(alone)))
 
 
-def reference_seconds(model: str, dtype: str) -> float:
-    """How long a fixed piece of work takes on this machine now: the co-run microbenchmark's layer
-    stack on its decode batch and its prefill chunk, one thread, the sum of their medians. Timed
-    beside slower measurements, its ratio to an earlier timing says how much the machine's speed
-    moved in between (a VM's moves with its neighbours: on a 2-core Zen 3 on 2026-12-07 the same
-    2-thread GEMM ran at 90-133 GFLOPS within 18 seconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            return sum(_median_seconds(run, torch.device("cpu"), 7) for run in _corun_runs(model, DTYPES[dtype]))
-    finally:
-        torch.set_num_threads(threads)
+def reference_timer(model: str, dtype: str) -> Callable[[], float]:
+    """A fixed piece of work, built once (the co-run microbenchmark's layer stack on its decode
+    batch and its prefill chunk), and what times it: how long it takes on this machine now, one
+    thread, the sum of their medians. Timed beside slower measurements, its ratio to an earlier
+    timing says how much the machine's speed moved in between (a VM's moves with its neighbours:
+    on a 2-core Zen 3 on 2026-12-07 the same 2-thread GEMM ran at 90-133 GFLOPS within 18 seconds)."""
+    runs = _corun_runs(model, DTYPES[dtype])
+
+    def seconds() -> float:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                return sum(_median_seconds(run, torch.device("cpu"), 7) for run in runs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return seconds
 
 
-def _at_reference_speed(model: str, dtype: str, reference: float | None,
+def _at_reference_speed(timer: Callable[[], float] | None, reference: float | None,
                         measure: Callable[[], list[MeasuredRun]]) -> list[MeasuredRun]:
-    """The runs `measure` returns, rescaled to the machine's speed when `reference` was timed: the
-    reference work is timed again before and after them, and the mean over `reference` is their
-    drift (CPU; on a GPU, where `reference` is None, the runs stay as measured)."""
-    if reference is None:
+    """The runs `measure` returns, rescaled to the machine's speed when `timer` took `reference`
+    seconds: it is timed again before and after them, and the mean over `reference` is their
+    drift (CPU; on a GPU, where there is no timer, the runs stay as measured)."""
+    if timer is None or reference is None:
         return measure()
-    before = reference_seconds(model, dtype)
+    before = timer()
     runs = measure()
-    drift = (before + reference_seconds(model, dtype)) / 2 / reference
+    drift = (before + timer()) / 2 / reference
     return [run.rescaled(drift) for run in runs]
 
 
@@ -489,11 +494,12 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
     transfer = _transfer_times(device, max(repeats, 20))
     latency, per_byte = _linear_fit_1d(TRANSFER_BYTES, transfer)
     corun = 1.0
-    reference = None
+    timer = reference = None
     if device == "cpu":
         log("profiling a layer beside co-running stages")
         corun = _corun_slowdown(model, dtype, threads, repeats)
-        reference = reference_seconds(model, dtype)  # the machine's speed as the pieces saw it
+        timer = reference_timer(model, dtype)
+        reference = timer()  # the machine's speed as the pieces saw it
 
     alone = together = oversubscribed = None
     if calibrate:
@@ -503,18 +509,18 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         # how the machine's speed moved in between.
         groups = min(max(1, (os.cpu_count() or 1) // threads), spec.num_layers) if device == "cpu" else 1
         log("calibrating against the engine at PP1")
-        alone = _at_reference_speed(model, dtype, reference,
+        alone = _at_reference_speed(timer, reference,
                                     lambda: _engine_runs(model, device, dtype, threads, 1, CALIBRATION_SEEDS))
         if groups > 1:
             log(f"calibrating co-running stages against the engine at PP{groups}")
             together = _at_reference_speed(
-                model, dtype, reference,
+                timer, reference,
                 lambda: _engine_runs(model, device, dtype, threads, groups, CALIBRATION_SEEDS[:1]))[0]
         if device == "cpu" and threads == 1 and groups + 1 <= spec.num_layers:
             # the engine gives stages one thread each once they outnumber the cores
             log(f"calibrating more stages than cores against the engine at PP{groups + 1}")
             oversubscribed = _at_reference_speed(
-                model, dtype, reference,
+                timer, reference,
                 lambda: _engine_runs(model, device, dtype, threads, groups + 1, CALIBRATION_SEEDS[:1]))[0]
         torch.set_num_threads(threads)
 
