@@ -725,22 +725,33 @@ def cpu_contention(profile: Profile, computing: int, stages: int) -> float:
     """How much slower a CPU stage computes while `computing` of the pipeline's `stages` stages
     compute at once: 1.0 alone or off the CPU.
 
-    Up to g = cores // threads stages each have their own cores but share memory bandwidth and
-    caches: the profiler measured a layer's time while g - 1 others run (`corun_slowdown`, s), and
-    a stage is stretched by 1 + (s - 1) * min(1, (k - 1) / (g - 1)) while k stages compute. Beyond
-    g they also share the cores (processor sharing): max(1, k x threads / cores) more. A pipeline
-    of more stages than cores pays `oversubscribed_slowdown` on every step besides, however many
-    compute: its stages wait for a core after every hand-off (a woken process queues behind the
-    running ones) and gloo's receive threads take cores too (on a 2-core Zen 3, 2026-12-07, three
-    one-thread stages left the cores idle 15% of a run in which all three had work).
+    Up to g = cores // threads stages each have cores of their own but share the memory bandwidth,
+    the caches and (on a VM) the host: every step of a stage in a pipeline of P <= g stages is
+    stretched by 1 + (s - 1)(P - 1)/(g - 1), s the co-run slowdown (`corun_slowdown`; the profiler
+    times a layer while g - 1 processes run it too, and `--calibrate` fits it on a PP g run),
+    whether or not the other stages compute at that moment. On a 2-core Zen 3 (2026-12-08), the
+    stage with 24 of SmolLM2's 30 layers took 1.12-1.29x its decode steps' time alone at PP2 beside
+    a 6-layer stage that computed a quarter of the time, and an even split's stages 1.13-1.43x:
+    the stretch did not follow how often the other stage computed, as the model of 2026-12-07
+    (the slowdown only while both compute) had it, which left the uneven splits 16-21% optimistic.
+
+    Beyond g stages they share the cores too. While k compute, each is stretched by
+    1 + (s - 1) min(1, (k - 1)/(g - 1)) for what they share, max(1, k x threads / cores) for the
+    cores (processor sharing: three one-thread stages on two cores take turns), and every step by
+    `oversubscribed_slowdown` besides, however many compute: its stages wait for a core after
+    every hand-off (a woken process queues behind the running ones) and gloo's receive threads
+    take cores too (on the same Zen 3, 2026-12-07, three one-thread stages left the cores idle 15%
+    of a run in which all three had work).
     """
     cores = (profile.meta or {}).get("cpu_count") or 0
     if profile.device != "cpu" or cores < 1 or computing < 1:
         return 1.0
-    over = profile.oversubscribed_slowdown if stages * profile.threads > cores else 1.0
+    groups = max(1, cores // profile.threads)
+    if stages <= groups:
+        return 1.0 if stages == 1 else 1 + (profile.corun_slowdown - 1) * (stages - 1) / (groups - 1)
+    over = profile.oversubscribed_slowdown
     if computing == 1:
         return over
-    groups = max(1, cores // profile.threads)
     shared = 1.0 if groups == 1 else min(1.0, (computing - 1) / (groups - 1))
     return (1 + (profile.corun_slowdown - 1) * shared) * max(1.0, computing * profile.threads / cores) * over
 

@@ -8,7 +8,8 @@ per-step bookkeeping (`AttentionBatch.for_sequences` and the step message), rank
 (`Scheduler.schedule`, message encoding, `Scheduler.complete`), and the stage-to-stage transfer by
 bytes (gloo or NCCL between two local processes), and on a CPU how much slower a layer runs while
 stages in other processes compute on the other cores (`corun_slowdown`: they share the memory
-bandwidth and caches). Every measurement is a median of repeats.
+bandwidth and caches; the simulator charges it on every step of a pipeline whose stages have
+cores of their own, see `cpu_contention`). Every measurement is a median of repeats.
 
 With `--calibrate` the real engine then runs a short workload of its own with the same threads
 per stage: first as one stage alone, twice with different requests (more prefill steps, so that
