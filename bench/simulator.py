@@ -137,9 +137,12 @@ def drift_corrected(profile: Profile, drift: float) -> Profile:
 def pieces_only(profile: Profile) -> Profile:
     """The profile without its calibration against the engine: scales and oversubscribed slowdown 1,
     the co-run slowdown of the microbenchmark."""
-    corun = (profile.meta or {}).get("measurements", {}).get("corun_calibration", {})
+    measurements = (profile.meta or {}).get("measurements", {})
+    old = measurements.get("corun_calibration")  # before 2026-12-08: one run, the microbenchmark inside
+    corun = measurements.get("corun_microbenchmark",
+                             old.get("microbenchmark_slowdown") if isinstance(old, dict) else None)
     return dataclasses.replace(profile, prefill_scale=1.0, decode_scale=1.0, oversubscribed_slowdown=1.0,
-                               corun_slowdown=corun.get("microbenchmark_slowdown", profile.corun_slowdown))
+                               corun_slowdown=profile.corun_slowdown if corun is None else corun)
 
 
 def mean_result(runs: list[SimResult]) -> SimResult:
@@ -215,7 +218,8 @@ def recalibrated(profile: Profile, spec, capacities: dict[tuple[int, ...], int])
     """The profile's calibration recomputed from its stored engine runs with the current simulator
     (a profile without stored runs stays as it is). Files of before 2026-12-07 hold one run, with
     its split's stages co-running, and neither its workload nor its settings: those are rebuilt;
-    files of 2026-12-07 hold one run alone, later ones a list of them."""
+    files of 2026-12-07 hold one run alone, later ones a list of them (and since 2026-12-08 two runs
+    for each slowdown)."""
     from pipesplit.runtime import profile as profiler
 
     measurements = (profile.meta or {}).get("measurements", {})
@@ -228,10 +232,13 @@ def recalibrated(profile: Profile, spec, capacities: dict[tuple[int, ...], int])
         capacity = capacities.get(partition) or max(capacities.values())
         workload = profiler._calibration_workload(capacity, spec.max_position_embeddings)
         runs = [{**runs[0], "max_total_num_tokens": capacity, "config": {}, "workload": dataclasses.asdict(workload)}]
-    together, over = measurements.get("corun_calibration"), measurements.get("oversubscribed_calibration")
+
+    def stored(key: str) -> list[MeasuredRun]:  # one run (a dict) before 2026-12-08, a list since
+        docs = measurements.get(key) or []
+        return [MeasuredRun.from_json(doc) for doc in ([docs] if isinstance(docs, dict) else docs)]
+
     return calibrated(spec, pieces_only(profile), [MeasuredRun.from_json(run) for run in runs],
-                      MeasuredRun.from_json(together) if together else None,
-                      MeasuredRun.from_json(over) if over else None)
+                      stored("corun_calibration"), stored("oversubscribed_calibration"))
 
 
 def resimulate(path: str) -> int:

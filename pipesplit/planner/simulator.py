@@ -832,33 +832,35 @@ def calibration_scales(spec: ModelSpec, profile: Profile, runs: Sequence[Measure
     return prefill, decode
 
 
-def calibrated(spec: ModelSpec, pieces: Profile, alone: Sequence[MeasuredRun], together: MeasuredRun | None = None,
-               oversubscribed: MeasuredRun | None = None) -> Profile:
+def calibrated(spec: ModelSpec, pieces: Profile, alone: Sequence[MeasuredRun], together: Sequence[MeasuredRun] = (),
+               oversubscribed: Sequence[MeasuredRun] = ()) -> Profile:
     """`pieces` with the scales fitted on the runs `alone` (one stage), then where given the co-run
-    slowdown fitted on `together` (stages co-running on cores of their own) and the oversubscribed
-    slowdown on `oversubscribed` (more stages than cores), each with what was fitted before it."""
+    slowdown fitted on the runs `together` (stages co-running on cores of their own) and the
+    oversubscribed slowdown on the runs `oversubscribed` (more stages than cores), each with what
+    was fitted before it."""
     prefill, decode = calibration_scales(spec, pieces, alone)
     profile = replace(pieces, prefill_scale=prefill, decode_scale=decode)
-    if together is not None:
+    if together:
         profile = replace(profile, corun_slowdown=fit_corun_slowdown(spec, profile, together))
-    if oversubscribed is not None:
+    if oversubscribed:
         profile = replace(profile, oversubscribed_slowdown=fit_slowdown(spec, profile, oversubscribed,
                                                                         "oversubscribed_slowdown"))
     return profile
 
 
-def fit_corun_slowdown(spec: ModelSpec, profile: Profile, run: MeasuredRun, most: float = 4.0) -> float:
-    """The co-run slowdown at which the simulator charges the stages of `run` (stages that co-run on
+def fit_corun_slowdown(spec: ModelSpec, profile: Profile, runs: Sequence[MeasuredRun], most: float = 4.0) -> float:
+    """The co-run slowdown at which the simulator charges the stages of `runs` (stages that co-run on
     their own cores) as many seconds as the engine measured, the profile's scales as they are;
     by bisection in [1, most]."""
-    return fit_slowdown(spec, profile, run, "corun_slowdown", most)
+    return fit_slowdown(spec, profile, runs, "corun_slowdown", most)
 
 
-def fit_slowdown(spec: ModelSpec, profile: Profile, run: MeasuredRun, field: str, most: float = 4.0) -> float:
+def fit_slowdown(spec: ModelSpec, profile: Profile, runs: Sequence[MeasuredRun], field: str,
+                 most: float = 4.0) -> float:
     """The value of the profile's slowdown `field` at which the simulator charges the stages of
-    `run` as many seconds as the engine measured, the rest of the profile as it is; by bisection
-    in [1, most]."""
-    measured = sum(sum(seconds) for _, seconds in run.steps)
+    `runs` as many seconds as the engine measured in all of them, the rest of the profile as it
+    is; by bisection in [1, most]."""
+    measured = sum(sum(seconds) for run in runs for _, seconds in run.steps)
 
     def charged(slowdown: float) -> float:
         total = 0.0
@@ -867,7 +869,8 @@ def fit_slowdown(spec: ModelSpec, profile: Profile, run: MeasuredRun, field: str
             nonlocal total
             total += sum(seconds)
 
-        _simulated_run(spec, replace(profile, **{field: slowdown}), run, add)
+        for run in runs:
+            _simulated_run(spec, replace(profile, **{field: slowdown}), run, add)
         return total
 
     low, high = 1.0, most

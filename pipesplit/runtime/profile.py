@@ -17,10 +17,12 @@ one disturbed step moves the scale less), whose steps set against what the simul
 the same workloads give the profile's prefill and decode scales (over the steps with a prefill
 chunk, what the chunk adds beyond the step's decode view; over the decode-only steps, the whole
 step); then, on a CPU with room for more stages of those threads (PP2 for one thread on two
-cores), with that many stages, and the co-run slowdown becomes the one at which the simulator
-charges that run's stages what they measured (the microbenchmark's value is kept beside it);
-and with one thread per stage, with one stage more than the cores (PP3 on two), which fits the
-oversubscribed slowdown the same way. On a CPU each run is first rescaled to the machine's speed
+cores), with that many stages on the same two workloads, and the co-run slowdown becomes the one
+at which the simulator charges those runs' stages what they measured (the microbenchmark's value
+is kept beside it); and with one thread per stage, with one stage more than the cores (PP3 on
+two), which fits the oversubscribed slowdown the same way. Each fit takes two runs, as the
+scales do: on a 2-core Zen 3 (2026-12-08) one run's fits moved 1.14-1.28 (co-run) and 1.07-1.33
+(oversubscribed) between two profiles taken back to back. On a CPU each run is first rescaled to the machine's speed
 while the pieces were timed (`reference_timer`'s work, timed after the pieces and around each run).
 The fits carry what the pieces timed apart miss (a whole stage's caches and memory traffic beside
 the other stages, the allocator, the kernels the engine picks at start-up, the OS sharing cores)
@@ -502,7 +504,7 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         timer = reference_timer(model, dtype)
         reference = timer()  # the machine's speed as the pieces saw it
 
-    alone = together = oversubscribed = None
+    alone, together, oversubscribed = None, [], []
     if calibrate:
         # PP1 prices the pieces; on a CPU with room for more stages of `threads` threads, a run
         # with that many stages prices their co-running. Each run is rescaled to the machine's
@@ -515,14 +517,12 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         if groups > 1:
             log(f"calibrating co-running stages against the engine at PP{groups}")
             together = _at_reference_speed(
-                timer, reference,
-                lambda: _engine_runs(model, device, dtype, threads, groups, CALIBRATION_SEEDS[:1]))[0]
+                timer, reference, lambda: _engine_runs(model, device, dtype, threads, groups, CALIBRATION_SEEDS))
         if device == "cpu" and threads == 1 and groups + 1 <= spec.num_layers:
             # the engine gives stages one thread each once they outnumber the cores
             log(f"calibrating more stages than cores against the engine at PP{groups + 1}")
             oversubscribed = _at_reference_speed(
-                timer, reference,
-                lambda: _engine_runs(model, device, dtype, threads, groups + 1, CALIBRATION_SEEDS[:1]))[0]
+                timer, reference, lambda: _engine_runs(model, device, dtype, threads, groups + 1, CALIBRATION_SEEDS))
         torch.set_num_threads(threads)
 
     layer_features = ("base", "per_token", "per_seq", "per_attention", "per_context")
@@ -558,10 +558,11 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         return pieces
     # the engine's steps over what the simulator charges for the same workload with the pieces
     raw["calibration"] = [run.to_json() for run in alone]
-    if together is not None:
-        raw["corun_calibration"] = {**together.to_json(), "microbenchmark_slowdown": corun}
-    if oversubscribed is not None:
-        raw["oversubscribed_calibration"] = oversubscribed.to_json()
+    if together:
+        raw["corun_calibration"] = [run.to_json() for run in together]
+        raw["corun_microbenchmark"] = corun
+    if oversubscribed:
+        raw["oversubscribed_calibration"] = [run.to_json() for run in oversubscribed]
     return dataclasses.replace(calibrated(spec, pieces, alone, together, oversubscribed),
                                meta={**pieces.meta, "seconds": round(time.perf_counter() - started, 1)})
 

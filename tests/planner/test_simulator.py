@@ -240,13 +240,16 @@ def test_calibration_recovers_the_scales_and_the_slowdowns_an_engine_ran_at():
     assert rescaled.drift == 1.25 and calibration_scales(SMOL, pieces, [rescaled]) == pytest.approx((1.6, 0.9))
     scaled = _tiny_profile(prefill_scale=1.6, decode_scale=0.9)
     together = _engine_like_run(truth, (15, 15), workload)  # two stages, one core each: they co-run
-    assert fit_corun_slowdown(SMOL, scaled, together) == pytest.approx(1.3, abs=0.01)
-    assert fit_corun_slowdown(SMOL, truth, _engine_like_run(_tiny_profile(prefill_scale=1.6, decode_scale=0.9,
-                                                                              corun_slowdown=1.0), (15, 15),
-                                                            workload)) == 1.0  # no slower than alone
+    assert fit_corun_slowdown(SMOL, scaled, [together]) == pytest.approx(1.3, abs=0.01)
+    assert fit_corun_slowdown(SMOL, truth, [_engine_like_run(_tiny_profile(prefill_scale=1.6, decode_scale=0.9,
+                                                                               corun_slowdown=1.0), (15, 15),
+                                                             workload)]) == 1.0  # no slower than alone
+    # over two runs, the sums of both: one at 1.3 and one at 1.5 give a value between them
+    other_together = _engine_like_run(dataclasses.replace(truth, corun_slowdown=1.5), (15, 15), other)
+    assert 1.3 < fit_corun_slowdown(SMOL, scaled, [together, other_together]) < 1.5
     # three one-thread stages on two cores, whose every step took 1.25x what sharing the cores explains
     over = _engine_like_run(dataclasses.replace(truth, oversubscribed_slowdown=1.25), (10, 10, 10), workload)
-    fitted = calibrated(SMOL, pieces, [alone], together, over)
+    fitted = calibrated(SMOL, pieces, [alone], [together], [over])
     assert (fitted.prefill_scale, fitted.decode_scale) == pytest.approx((1.6, 0.9))
     assert fitted.corun_slowdown == pytest.approx(1.3, abs=0.01)
     assert fitted.oversubscribed_slowdown == pytest.approx(1.25, abs=0.01)

@@ -68,16 +68,21 @@ def test_profile_command_measures_every_layer_kind(tiny_checkpoints, tiny_moe_ch
     costs = ProfileCosts(profile, load_spec(str(folder)))
     shape = StepShape(8, 8, 100, 100, 8)
     assert costs.stage_seconds(0, (0, 1), True, False, shape) > 0
-    # the engine's own steps, both kinds, every stage timed: alone (PP1) once per calibration
-    # seed, then as many one-thread stages as the cores hold
+    # the engine's own steps, both kinds, every stage timed, once per calibration seed: alone
+    # (PP1), then as many one-thread stages as the cores hold
     layers = load_spec(str(folder)).num_layers
     groups = min(os.cpu_count() or 1, layers)
     assert len(raw["calibration"]) == len(profiler.CALIBRATION_SEEDS) >= 2
-    runs = [(doc, 1) for doc in raw["calibration"]] + ([(raw["corun_calibration"], groups)] if groups > 1 else [])
+    seeds = len(profiler.CALIBRATION_SEEDS)
+    runs = [(doc, 1) for doc in raw["calibration"]]
+    if groups > 1:
+        assert len(raw["corun_calibration"]) == seeds
+        runs += [(doc, groups) for doc in raw["corun_calibration"]]
     # and one stage more than the cores (one thread each) where the model has the layers for it
     assert ("oversubscribed_calibration" in raw) == (groups + 1 <= layers)
     if groups + 1 <= layers:
-        runs.append((raw["oversubscribed_calibration"], groups + 1))
+        assert len(raw["oversubscribed_calibration"]) == seeds
+        runs += [(doc, groups + 1) for doc in raw["oversubscribed_calibration"]]
         assert profile.oversubscribed_slowdown >= 1.0
     assert len({json.dumps(doc["workload"]) for doc, _ in runs[:2]}) == 2  # other requests
     # rescaled to the machine's speed when the pieces were timed (a reference timed around each)
@@ -89,7 +94,7 @@ def test_profile_command_measures_every_layer_kind(tiny_checkpoints, tiny_moe_ch
         assert all(len(seconds) == stages and min(seconds) > 0 for _, seconds in run.steps)
     assert ("corun_calibration" in raw) == (groups > 1)
     if groups > 1:
-        assert raw["corun_calibration"]["microbenchmark_slowdown"] >= 1.0
+        assert raw["corun_microbenchmark"] >= 1.0
     assert profile.prefill_scale > 0 and profile.decode_scale > 0
     assert profile.prefill_scale != 1.0 and profile.decode_scale != 1.0  # measured, not the default
 
