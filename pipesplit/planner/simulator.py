@@ -730,8 +730,8 @@ def cpu_contention(profile: Profile, computing: int, stages: int) -> float:
     stretched by 1 + (s - 1)(P - 1)/(g - 1), s the co-run slowdown (`corun_slowdown`; the profiler
     times a layer while g - 1 processes run it too, and `--calibrate` fits it on a PP g run),
     whether or not the other stages compute at that moment. On a 2-core Zen 3 (2026-12-08), the
-    stage with 24 of SmolLM2's 30 layers took 1.12-1.29x its decode steps' time alone at PP2 beside
-    a 6-layer stage that computed a quarter of the time, and an even split's stages 1.13-1.43x:
+    stage with 24 of SmolLM2's 30 layers took 1.12-1.28x its decode steps' time alone at PP2 beside
+    a 6-layer stage that computed a quarter of the time, and an even split's stages 1.13-1.44x:
     the stretch did not follow how often the other stage computed, as the model of 2026-12-07
     (the slowdown only while both compute) had it, which left the uneven splits 16-21% optimistic.
 
