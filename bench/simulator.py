@@ -223,22 +223,22 @@ def recalibrated(profile: Profile, spec, capacities: dict[tuple[int, ...], int])
     from pipesplit.runtime import profile as profiler
 
     measurements = (profile.meta or {}).get("measurements", {})
-    calib = measurements.get("calibration")
-    if not calib:
+
+    def stored(key: str) -> list[dict]:  # one run (a dict) in older files, a list since
+        docs = measurements.get(key) or []
+        return [docs] if isinstance(docs, dict) else docs
+
+    runs = stored("calibration")
+    if not runs:
         return profile
-    runs = calib if isinstance(calib, list) else [calib]
     if "workload" not in runs[0]:
         partition = tuple(runs[0]["partition"])
         capacity = capacities.get(partition) or max(capacities.values())
         workload = profiler._calibration_workload(capacity, spec.max_position_embeddings)
         runs = [{**runs[0], "max_total_num_tokens": capacity, "config": {}, "workload": dataclasses.asdict(workload)}]
-
-    def stored(key: str) -> list[MeasuredRun]:  # one run (a dict) before 2026-12-08, a list since
-        docs = measurements.get(key) or []
-        return [MeasuredRun.from_json(doc) for doc in ([docs] if isinstance(docs, dict) else docs)]
-
-    return calibrated(spec, pieces_only(profile), [MeasuredRun.from_json(run) for run in runs],
-                      stored("corun_calibration"), stored("oversubscribed_calibration"))
+    together, over = stored("corun_calibration"), stored("oversubscribed_calibration")
+    return calibrated(spec, pieces_only(profile), [MeasuredRun.from_json(doc) for doc in runs],
+                      [MeasuredRun.from_json(doc) for doc in together], [MeasuredRun.from_json(doc) for doc in over])
 
 
 def resimulate(path: str) -> int:

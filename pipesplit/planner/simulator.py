@@ -869,8 +869,9 @@ def fit_slowdown(spec: ModelSpec, profile: Profile, runs: Sequence[MeasuredRun],
             nonlocal total
             total += sum(seconds)
 
+        trial = replace(profile, **{field: slowdown})
         for run in runs:
-            _simulated_run(spec, replace(profile, **{field: slowdown}), run, add)
+            _simulated_run(spec, trial, run, add)
         return total
 
     low, high = 1.0, most

@@ -511,18 +511,20 @@ def profile_model(model: str, device: str = "cpu", dtype: str = "float32", threa
         # speed while the pieces were timed, so that the scales carry what the pieces miss and not
         # how the machine's speed moved in between.
         groups = min(max(1, (os.cpu_count() or 1) // threads), spec.num_layers) if device == "cpu" else 1
+
+        def engine_runs(pp: int) -> list[MeasuredRun]:  # every calibration seed at `pp` stages, rescaled
+            return _at_reference_speed(timer, reference,
+                                       lambda: _engine_runs(model, device, dtype, threads, pp, CALIBRATION_SEEDS))
+
         log("calibrating against the engine at PP1")
-        alone = _at_reference_speed(timer, reference,
-                                    lambda: _engine_runs(model, device, dtype, threads, 1, CALIBRATION_SEEDS))
+        alone = engine_runs(1)
         if groups > 1:
             log(f"calibrating co-running stages against the engine at PP{groups}")
-            together = _at_reference_speed(
-                timer, reference, lambda: _engine_runs(model, device, dtype, threads, groups, CALIBRATION_SEEDS))
+            together = engine_runs(groups)
         if device == "cpu" and threads == 1 and groups + 1 <= spec.num_layers:
             # the engine gives stages one thread each once they outnumber the cores
             log(f"calibrating more stages than cores against the engine at PP{groups + 1}")
-            oversubscribed = _at_reference_speed(
-                timer, reference, lambda: _engine_runs(model, device, dtype, threads, groups + 1, CALIBRATION_SEEDS))
+            oversubscribed = engine_runs(groups + 1)
         torch.set_num_threads(threads)
 
     layer_features = ("base", "per_token", "per_seq", "per_attention", "per_context")
