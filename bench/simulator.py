@@ -21,14 +21,19 @@
 
     .venv/bin/python bench/simulator.py              # the full run (~15-20 minutes on 2 cores)
     .venv/bin/python bench/simulator.py --quick      # two splits, small workloads: a smoke run
+    .venv/bin/python bench/simulator.py --pool bench/results/simulator-zen3-s1[1-4].json
+        # measures nothing: the files' rounds pooled, pair by pair (a sign-flip test), against the
+        # current simulator's order of the splits (bench/results/simulator-pooled.json)
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -200,7 +205,9 @@ def summarize_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
 
 def separated_pairs(group: list[dict], metric: str) -> dict:
     """The pairs of splits whose measured rounds do not overlap on `metric` (every round of one
-    beats every round of the other), and how many of them the simulator orders the same way."""
+    beats every round of the other), and how many of them the simulator orders the same way. Weak
+    evidence with few rounds: two rounds each of two equal splits fail to overlap one time in
+    three (`pooled_orders` tests pairs over several files)."""
     spans = {tuple(r["partition"]): [x[metric] for x in r.get("rounds") or [r["measured"]]] for r in group}
     separated = agreeing = 0
     for a, b in itertools.combinations(group, 2):
@@ -241,13 +248,13 @@ def recalibrated(profile: Profile, spec, capacities: dict[tuple[int, ...], int])
                       [MeasuredRun.from_json(doc) for doc in together], [MeasuredRun.from_json(doc) for doc in over])
 
 
-def resimulate(path: str) -> int:
-    """Recomputes the simulated side of a results file with the current simulator (same profiles
-    and their stored calibration steps, same workloads), e.g. after a simulator change; the
-    measurements stay as they were."""
+def resimulated(doc: dict) -> dict:
+    """A results document with its simulated side recomputed by the current simulator (same
+    profiles and their stored calibration steps, same workloads), e.g. after a simulator change;
+    the measurements stay as they were."""
     from pipesplit.planner.spec import load_spec
 
-    doc = json.loads(Path(path).read_text())
+    doc = dict(doc)
     spec = load_spec("smollm2")
     loads = {k: Workload.from_json(w) for k, w in doc["workloads"].items()}
     cores = doc["machine"]["cpus"]
@@ -272,8 +279,124 @@ def resimulate(path: str) -> int:
     doc["summary"], doc["orders"] = summarize_rows(rows)
     doc["rows"] = rows
     doc["profiles"] = {str(t): p.to_json() for t, p in profiles.items()}
+    return doc
+
+
+def resimulate(path: str) -> int:
+    """Rewrites a results file with its simulated side recomputed (`resimulated`)."""
+    doc = resimulated(json.loads(Path(path).read_text()))
     print(json.dumps({"summary": doc["summary"], "orders": doc["orders"]}, indent=1))
     Path(path).write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+# A pair of splits has a measured order where its rounds' sign-flip p-value is below ALPHA.
+ALPHA = 0.05
+
+
+def sign_flip_p_value(diffs: list[float]) -> float:
+    """Two-sided exact p-value of the paired sign-flip (permutation) test that `diffs` centre on
+    zero: the share of the 2^n patterns of signs whose |sum| reaches the observed |sum|. Counted
+    by meeting in the middle (the signed sums of each half, one half sorted), so that 40 rounds
+    cost 2^20 sums rather than 2^40."""
+    observed = abs(sum(diffs))
+    if observed <= 1e-12 * sum(abs(d) for d in diffs):
+        return 1.0
+    observed -= 1e-12 * observed  # a pattern that only rounding separates from the observed one counts
+
+    def signed_sums(values: list[float]) -> list[float]:
+        sums = [0.0]
+        for v in values:
+            sums = [s + v for s in sums] + [s - v for s in sums]
+        return sums
+
+    half = len(diffs) // 2
+    right = sorted(signed_sums(diffs[half:]))
+    reached = sum(len(right) - bisect.bisect_left(right, observed - a) + bisect.bisect_right(right, -observed - a)
+                  for a in signed_sums(diffs[:half]))
+    return reached / 2 ** len(diffs)
+
+
+def pooled_orders(docs: list[dict]) -> dict:
+    """Whether the simulator orders the splits as the measurements do, over several results files
+    of the same bench on one machine: for each PP, workload, metric (throughput, TTFT p50) and
+    pair of splits, the log ratios of their rounds (round r of one against round r of the other in
+    the same file: the same sweep over the splits, minutes apart), the exact sign-flip p-value of
+    those ratios, and the simulated log ratio (the files' mean); a pair has a measured order where
+    p < ALPHA. Two rounds cannot separate a pair by themselves (their smallest p-value is 0.5, and
+    two rounds of two equal splits fail to overlap one time in three), hence the pooling."""
+    pairs, rankings = [], []
+    for pp, name in dict.fromkeys((r["pp"], r["workload"]) for doc in docs for r in doc["rows"]):
+        splits: dict[tuple, dict[int, dict]] = {}  # partition -> {file index: row}
+        for i, doc in enumerate(docs):
+            for r in doc["rows"]:
+                if (r["pp"], r["workload"]) == (pp, name):
+                    splits.setdefault(tuple(r["partition"]), {})[i] = r
+        for metric in ("output_tokens_per_s", "ttft_p50"):
+            for a, b in itertools.combinations(splits, 2):
+                files = [i for i in splits[a] if i in splits[b]]
+                measured = [math.log(x[metric] / y[metric]) for i in files
+                            for x, y in zip(splits[a][i].get("rounds") or [splits[a][i]["measured"]],
+                                            splits[b][i].get("rounds") or [splits[b][i]["measured"]])]
+                simulated = statistics.fmean(math.log(splits[a][i]["simulated"][metric] / splits[b][i]["simulated"][metric])
+                                             for i in files)
+                p = sign_flip_p_value(measured)
+                pairs.append({"pp": pp, "workload": name, "by": metric, "splits": [list(a), list(b)],
+                              "rounds": len(measured), "measured_log_ratio": statistics.fmean(measured),
+                              "p_value": p, "measured_order": p < ALPHA, "simulated_log_ratio": simulated,
+                              "ordered_alike": statistics.fmean(measured) * simulated > 0})
+            ranking = {side: pooled_ranking(splits, side, metric) for side in ("measured", "simulated")}
+            # each file's own rankings against the pooled measured one: how often one run orders
+            # the whole group as all of them do, measured and simulated
+            alone = [{side: pooled_ranking({s: {i: rows[i]} for s, rows in splits.items()}, side, metric)
+                      for side in ("measured", "simulated")} for i in range(len(docs))
+                     if all(i in rows for rows in splits.values())]
+            rankings.append({"pp": pp, "workload": name, "by": metric, **ranking,
+                             "runs": len(alone),
+                             **{f"runs_{side}_as_pooled": sum(r[side] == ranking["measured"] for r in alone)
+                                for side in ("measured", "simulated")}})
+    ordered = [p for p in pairs if p["measured_order"]]
+    summary = {"files": len(docs), "pairs": len(pairs), "alpha": ALPHA, "measured_orders": len(ordered),
+               "measured_orders_simulated_alike": sum(p["ordered_alike"] for p in ordered),
+               "groups": len(rankings), "groups_ranked_alike": sum(r["measured"] == r["simulated"] for r in rankings),
+               **{key: sum(r[key] for r in rankings) for key in ("runs", "runs_measured_as_pooled",
+                                                                 "runs_simulated_as_pooled")}}
+    return {"summary": summary, "pairs": pairs, "rankings": rankings}
+
+
+def pooled_ranking(splits: dict[tuple, dict[int, dict]], side: str, metric: str) -> list[list[int]]:
+    """The splits best first by `metric` (higher throughput, lower TTFT), each scored by the mean
+    over files of its log value less the mean log value of the file's splits."""
+    files = set.intersection(*(set(rows) for rows in splits.values()))
+    centre = {i: statistics.fmean(math.log(rows[i][side][metric]) for rows in splits.values()) for i in files}
+    score = {s: statistics.fmean(math.log(rows[i][side][metric]) - centre[i] for i in files) for s, rows in splits.items()}
+    return [list(s) for s in sorted(score, key=lambda s: score[s] * (-1 if metric == "output_tokens_per_s" else 1))]
+
+
+def pool(paths: list[str], out: str) -> int:
+    """`pooled_orders` over the files (each resimulated in memory by the current simulator), printed
+    and written to `out`."""
+    try:
+        docs = [json.loads(Path(p).read_text()) for p in paths]
+        kinds = {(d["machine"]["cpus"], d["dtype"]) for d in docs}
+        rows = {frozenset((r["pp"], r["workload"], tuple(r["partition"])) for r in d["rows"]) for d in docs}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: --pool takes results files of bench/simulator.py ({e!r}); give such files", file=sys.stderr)
+        return 2
+    if len(kinds) > 1 or len(rows) > 1:
+        print(f"error: the files mix cores and dtypes {sorted(kinds)} or splits and workloads; pool the "
+              "results of one machine, dtype and set of splits", file=sys.stderr)
+        return 2
+    result = pooled_orders([resimulated(d) for d in docs])
+    for p in result["pairs"]:
+        a, b = (",".join(map(str, s)) for s in p["splits"])
+        verdict = ("alike" if p["ordered_alike"] else "OPPOSITE") if p["measured_order"] else "no measured order"
+        print(f"PP{p['pp']} {p['workload']:<11} {p['by']:<19} {a:>8} vs {b:<8} measured "
+              f"{math.exp(p['measured_log_ratio']) - 1:+6.1%} (p {p['p_value']:.3f}, {p['rounds']} rounds) "
+              f"simulated {math.exp(p['simulated_log_ratio']) - 1:+6.1%}  {verdict}")
+    print(json.dumps(result["summary"], indent=1))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"files": paths, **result}, indent=1))
     return 0
 
 
@@ -285,11 +408,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="measured runs of each split and workload (their mean counts)")
     ap.add_argument("--poisson-rate", type=float, help=f"requests/s (default: {LOAD} x the slowest split's "
                     "simulated all-at-once rate; 4.0 until 2026-12-07)")
-    ap.add_argument("--out", default="bench/results/simulator.json")
+    ap.add_argument("--out", help="results file (default bench/results/simulator.json; with --pool "
+                    "bench/results/simulator-pooled.json)")
     ap.add_argument("--resimulate", metavar="FILE", help="recompute the simulated side of FILE, measure nothing")
+    ap.add_argument("--pool", metavar="FILE", nargs="+", help="measure nothing: whether the current simulator "
+                    "orders the splits as the rounds of these results files do, pooled (written to --out)")
     args = ap.parse_args()
     if args.resimulate:
         return resimulate(args.resimulate)
+    if args.pool:
+        return pool(args.pool, args.out or "bench/results/simulator-pooled.json")
     started = time.perf_counter()
     splits = QUICK_SPLITS if args.quick else SPLITS
     cores = os.cpu_count() or 1
@@ -366,8 +494,9 @@ def main() -> int:
         "profiles": {str(t): p.to_json() for t, p in profiles.items()},
     }
     print(json.dumps({"summary": summary, "orders": orders, "total_seconds": doc["total_seconds"]}, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    out = Path(args.out or "bench/results/simulator.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
     return 0
 
 
