@@ -379,13 +379,14 @@ def pool(paths: list[str], out: str) -> int:
     try:
         docs = [json.loads(Path(p).read_text()) for p in paths]
         kinds = {(d["machine"]["cpus"], d["dtype"]) for d in docs}
+        cpus = {d["machine"]["cpu"] for d in docs if "cpu" in d["machine"]}  # recorded since 2026-12-08
         rows = {frozenset((r["pp"], r["workload"], tuple(r["partition"])) for r in d["rows"]) for d in docs}
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"error: --pool takes results files of bench/simulator.py ({e!r}); give such files", file=sys.stderr)
         return 2
-    if len(kinds) > 1 or len(rows) > 1:
-        print(f"error: the files mix cores and dtypes {sorted(kinds)} or splits and workloads; pool the "
-              "results of one machine, dtype and set of splits", file=sys.stderr)
+    if len(kinds) > 1 or len(cpus) > 1 or len(rows) > 1:
+        print(f"error: the files mix CPUs, cores and dtypes {sorted(cpus)} {sorted(kinds)} or splits and "
+              "workloads; pool the results of one machine, dtype and set of splits", file=sys.stderr)
         return 2
     result = pooled_orders([resimulated(d) for d in docs])
     for p in result["pairs"]:
@@ -398,6 +399,22 @@ def pool(paths: list[str], out: str) -> int:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"files": paths, **result}, indent=1))
     return 0
+
+
+def cpu_identity() -> str:
+    """The CPU's model name, family and model from /proc/cpuinfo (a model name alone, "AMD EPYC",
+    does not tell a Zen 3 from a Zen 4)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first CPU's block
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor()
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def main() -> int:
@@ -483,7 +500,8 @@ def main() -> int:
 
     summary, orders = summarize_rows(rows)
     doc = {
-        "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": cores, "cpu": cpu_identity(), "platform": platform.platform(),
+                    "python": platform.python_version()},
         "dtype": args.dtype,
         "profile_seconds": round(profile_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
