@@ -58,6 +58,7 @@ from pipesplit.planner.simulator import (  # noqa: E402
     simulate,
     summarize,
 )
+from pipesplit.runtime.dtype import cpu_info  # noqa: E402
 from pipesplit.runtime.loader import resolve_model  # noqa: E402
 from pipesplit.runtime.profile import profile_model, reference_timer  # noqa: E402
 
@@ -180,6 +181,16 @@ def compare_row(pp, partition, name, measured, simulated, uncalibrated=None, dri
     return row
 
 
+# The metrics whose order is checked, and which way is better (sort key sign: higher throughput,
+# lower TTFT first).
+ORDERED_METRICS = {"output_tokens_per_s": -1, "ttft_p50": 1}
+
+
+def rounds_of(row: dict) -> list[dict]:
+    """A row's measured rounds (older files: the one measurement)."""
+    return row.get("rounds") or [row["measured"]]
+
+
 def summarize_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
     """Median and max absolute errors, and whether the simulator orders each group's splits
     (by throughput and by TTFT p50, per PP and workload) as the measurements do."""
@@ -194,7 +205,7 @@ def summarize_rows(rows: list[dict]) -> tuple[dict, list[dict]]:
     orders = []
     for pp, name in dict.fromkeys((r["pp"], r["workload"]) for r in rows):
         group = [r for r in rows if r["pp"] == pp and r["workload"] == name]
-        for metric, sign in (("output_tokens_per_s", -1), ("ttft_p50", 1)):
+        for metric, sign in ORDERED_METRICS.items():
             rank = lambda which: [r["partition"] for r in  # noqa: E731
                                   sorted(group, key=lambda r: sign * r[which][metric])]
             orders.append({"pp": pp, "workload": name, "by": metric, "measured": rank("measured"),
@@ -208,7 +219,7 @@ def separated_pairs(group: list[dict], metric: str) -> dict:
     beats every round of the other), and how many of them the simulator orders the same way. Weak
     evidence with few rounds: two rounds each of two equal splits fail to overlap one time in
     three (`pooled_orders` tests pairs over several files)."""
-    spans = {tuple(r["partition"]): [x[metric] for x in r.get("rounds") or [r["measured"]]] for r in group}
+    spans = {tuple(r["partition"]): [x[metric] for x in rounds_of(r)] for r in group}
     separated = agreeing = 0
     for a, b in itertools.combinations(group, 2):
         (lo_a, hi_a), (lo_b, hi_b) = ((min(v), max(v)) for v in (spans[tuple(a["partition"])],
@@ -332,19 +343,19 @@ def pooled_orders(docs: list[dict]) -> dict:
             for r in doc["rows"]:
                 if (r["pp"], r["workload"]) == (pp, name):
                     splits.setdefault(tuple(r["partition"]), {})[i] = r
-        for metric in ("output_tokens_per_s", "ttft_p50"):
+        for metric in ORDERED_METRICS:
             for a, b in itertools.combinations(splits, 2):
                 files = [i for i in splits[a] if i in splits[b]]
-                measured = [math.log(x[metric] / y[metric]) for i in files
-                            for x, y in zip(splits[a][i].get("rounds") or [splits[a][i]["measured"]],
-                                            splits[b][i].get("rounds") or [splits[b][i]["measured"]])]
+                ratios = [math.log(x[metric] / y[metric]) for i in files
+                          for x, y in zip(rounds_of(splits[a][i]), rounds_of(splits[b][i]))]
+                measured = statistics.fmean(ratios)
                 simulated = statistics.fmean(math.log(splits[a][i]["simulated"][metric] / splits[b][i]["simulated"][metric])
                                              for i in files)
-                p = sign_flip_p_value(measured)
+                p = sign_flip_p_value(ratios)
                 pairs.append({"pp": pp, "workload": name, "by": metric, "splits": [list(a), list(b)],
-                              "rounds": len(measured), "measured_log_ratio": statistics.fmean(measured),
-                              "p_value": p, "measured_order": p < ALPHA, "simulated_log_ratio": simulated,
-                              "ordered_alike": statistics.fmean(measured) * simulated > 0})
+                              "rounds": len(ratios), "measured_log_ratio": measured, "p_value": p,
+                              "measured_order": p < ALPHA, "simulated_log_ratio": simulated,
+                              "ordered_alike": measured * simulated > 0})
             ranking = {side: pooled_ranking(splits, side, metric) for side in ("measured", "simulated")}
             # each file's own rankings against the pooled measured one: how often one run orders
             # the whole group as all of them do, measured and simulated
@@ -370,7 +381,7 @@ def pooled_ranking(splits: dict[tuple, dict[int, dict]], side: str, metric: str)
     files = set.intersection(*(set(rows) for rows in splits.values()))
     centre = {i: statistics.fmean(math.log(rows[i][side][metric]) for rows in splits.values()) for i in files}
     score = {s: statistics.fmean(math.log(rows[i][side][metric]) - centre[i] for i in files) for s, rows in splits.items()}
-    return [list(s) for s in sorted(score, key=lambda s: score[s] * (-1 if metric == "output_tokens_per_s" else 1))]
+    return [list(s) for s in sorted(score, key=lambda s: score[s] * ORDERED_METRICS[metric])]
 
 
 def pool(paths: list[str], out: str) -> int:
@@ -402,19 +413,11 @@ def pool(paths: list[str], out: str) -> int:
 
 
 def cpu_identity() -> str:
-    """The CPU's model name, family and model from /proc/cpuinfo (a model name alone, "AMD EPYC",
-    does not tell a Zen 3 from a Zen 4)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if not line.strip():
-                    break  # the first CPU's block
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor()
-    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    """The CPU's model name, family and model (a model name alone, "AMD EPYC", does not tell a
+    Zen 3 from a Zen 4)."""
+    info = cpu_info()
+    return (f"{info.get('model name') or platform.processor()} "
+            f"(family {info.get('cpu family', '?')}, model {info.get('model', '?')})")
 
 
 def main() -> int:

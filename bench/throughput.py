@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import DEFAULT_PEERS, run_vllm_offline  # noqa: E402
 
 from pipesplit import LLM, SamplingParams  # noqa: E402
+from pipesplit.runtime.dtype import cpu_info  # noqa: E402
 from pipesplit.runtime.loader import resolve_model, smollm2_path  # noqa: E402
 
 ENGINES = ("pipesplit-pp1", "pipesplit-pp2", "pipesplit-pp2-1mb", "transformers", "vllm-pp1", "vllm-pp2")
@@ -288,13 +289,7 @@ def markdown(report: dict) -> str:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return cpu_info().get("model name") or platform.processor()
 
 
 if __name__ == "__main__":

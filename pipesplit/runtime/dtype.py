@@ -27,16 +27,27 @@ class DtypeChoice:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The feature flags of the first CPU listed (empty where /proc/cpuinfo is unreadable)."""
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The fields of the first CPU listed ("model name", "cpu family", "flags", ...; empty where
+    /proc/cpuinfo is unreadable)."""
+    fields: dict[str, str] = {}
     try:
         with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    if fields:
+                        break  # the end of the first CPU's block
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The feature flags of the first CPU listed (empty where /proc/cpuinfo is unreadable)."""
+    return frozenset(cpu_info(cpuinfo).get("flags", "").split())
 
 
 def choose_dtype(requested: str, device: str, checkpoint_dtype: str, flags: frozenset[str] | None = None) -> DtypeChoice:

@@ -3,7 +3,7 @@
 import pytest
 
 from pipesplit.errors import UserError
-from pipesplit.runtime.dtype import choose_dtype, cpu_flags
+from pipesplit.runtime.dtype import choose_dtype, cpu_flags, cpu_info
 
 
 @pytest.mark.parametrize(
@@ -37,3 +37,13 @@ def test_cpu_flags_reads_the_flags_line(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512_bf16\nbugs\t\t: none\n")
     assert cpu_flags(str(info)) == {"fpu", "sse2", "avx512_bf16"}
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_cpu_info_reads_the_first_cpus_fields(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fpu avx2\n\n"
+                    "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    assert cpu_info(str(info)) == {"processor": "0", "model name": "AMD EPYC", "cpu family": "25", "model": "1",
+                                   "flags": "fpu avx2"}
+    assert cpu_flags(str(info)) == {"fpu", "avx2"}
+    assert cpu_info(str(tmp_path / "missing")) == {}

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from pipesplit.runtime.dtype import cpu_info
+
 FOLDER = Path(__file__).parent
 SOURCES = tuple(FOLDER / name for name in ("decode_attention.c", "prefill_attention.c", "elementwise.c"))
 HEADERS = (FOLDER / "common.h",)
@@ -72,14 +74,8 @@ def cache_dir() -> Path:
 
 
 def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    info = cpu_info()
+    return info.get("flags") or info.get("Features", "")  # x86 or Arm
 
 
 def _compiler() -> str | None:
